@@ -1,0 +1,318 @@
+//! Wire-up: configuration → state → listeners → watchers; then reload on demand and a
+//! graceful drain on shutdown. `cli` maps signals onto these calls; tests call them directly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{self, Config};
+use crate::files::FileStamp;
+use crate::metrics::Metrics;
+use crate::server::tls::CertStore;
+use crate::server::{self, Listener, Role, ServerContext};
+use crate::state::{ConfigSource, Shared, Snapshot};
+
+/// How often the configuration and certificate files are checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({role}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which listener.
+        role: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// Building routes or upstream clients failed.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Where the running gateway listens.
+#[derive(Debug, Clone, Default)]
+pub struct Addresses {
+    /// Plain HTTP listeners.
+    pub http: Vec<SocketAddr>,
+    /// TLS listeners.
+    pub https: Vec<SocketAddr>,
+    /// The admin listener.
+    pub admin: Option<SocketAddr>,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still open when the grace period ended, cut off.
+    pub cut_connections: i64,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    /// Where it listens.
+    pub addresses: Addresses,
+    shutdown: watch::Sender<bool>,
+    drain: Option<mpsc::Sender<()>>,
+    drained: mpsc::Receiver<()>,
+    grace: Duration,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Binds every listener and starts serving `config`.
+    pub async fn start(
+        config: Config,
+        path: Option<PathBuf>,
+        env: config::Env,
+    ) -> Result<Self, StartError> {
+        let metrics = Metrics::new();
+        let grace = config.limits.shutdown_grace.get();
+        let limits = config.limits.clone();
+        let certs = match (
+            &config.tls.cert_file,
+            &config.tls.key_file,
+            config.listen.https.is_empty(),
+        ) {
+            (Some(cert), Some(key), false) => Some(
+                CertStore::load(cert, key, metrics.tls_not_after.clone())
+                    .map_err(StartError::Tls)?,
+            ),
+            _ => None,
+        };
+        let listeners = bind_all(&config, certs.as_ref()).await?;
+        let snapshot = Snapshot::build(config, None).map_err(StartError::Config)?;
+        if snapshot.routes.is_empty() {
+            tracing::warn!("no routes are configured: every request will be answered 404");
+        }
+        let shared = Arc::new(Shared::new(snapshot, metrics, ConfigSource { path, env }));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (drain, drained) = mpsc::channel(1);
+        let ctx = ServerContext {
+            shared: shared.clone(),
+            limits,
+            shutdown: shutdown_rx,
+            drain: drain.clone(),
+        };
+        let mut addresses = Addresses::default();
+        let mut tasks = Vec::new();
+        for (listener, role, tls) in listeners {
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                role: "local address",
+                source,
+            })?;
+            match (role, tls) {
+                (Role::Admin, _) => addresses.admin = Some(addr),
+                (Role::Proxy, true) => addresses.https.push(addr),
+                (Role::Proxy, false) => addresses.http.push(addr),
+            }
+            tracing::info!(%addr, role = ?role, tls, "listening");
+            tasks.push(tokio::spawn(server::run(listener, ctx.clone())));
+        }
+        tasks.push(tokio::spawn(watch_files(shared.clone(), certs)));
+        shared.set_listeners_bound();
+        Ok(Gateway {
+            shared,
+            addresses,
+            shutdown,
+            drain: Some(drain),
+            drained,
+            grace,
+            tasks,
+        })
+    }
+
+    /// The shared state (metrics, current snapshot).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Re-reads the configuration from its sources and applies it, or refuses it and
+    /// keeps the current one.
+    pub fn reload(&self) -> Result<(), String> {
+        reload(&self.shared)
+    }
+
+    /// Stops accepting, lets in-flight requests finish within `limits.shutdown_grace`,
+    /// then cuts whatever is left.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        tracing::info!(
+            grace_seconds = self.grace.as_secs_f64(),
+            "shutting down: draining connections"
+        );
+        self.shared.set_draining();
+        let _ = self.shutdown.send(true);
+        self.drain = None;
+        let finished = tokio::time::timeout(self.grace, self.drained.recv())
+            .await
+            .is_ok();
+        for task in &self.tasks {
+            task.abort();
+        }
+        let cut = if finished {
+            0
+        } else {
+            self.shared.metrics.open_connections.get()
+        };
+        if cut > 0 {
+            tracing::warn!(
+                connections = cut,
+                "grace period over: cutting connections still open"
+            );
+        }
+        tracing::info!("shutdown complete");
+        ShutdownReport {
+            cut_connections: cut,
+        }
+    }
+}
+
+type Bound = (Listener, Role, bool);
+
+async fn bind_all(
+    config: &Config,
+    certs: Option<&Arc<CertStore>>,
+) -> Result<Vec<Bound>, StartError> {
+    let mut bound = Vec::new();
+    let proxy_protocol = config.listen.proxy_protocol;
+    for addr in &config.listen.http {
+        let listener = Listener::bind(*addr, Role::Proxy, None, proxy_protocol)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: *addr,
+                role: "listen.http",
+                source,
+            })?;
+        bound.push((listener, Role::Proxy, false));
+    }
+    if let Some(certs) = certs {
+        let acceptor = certs.acceptor().map_err(StartError::Tls)?;
+        for addr in &config.listen.https {
+            let listener =
+                Listener::bind(*addr, Role::Proxy, Some(acceptor.clone()), proxy_protocol)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: *addr,
+                        role: "listen.https",
+                        source,
+                    })?;
+            bound.push((listener, Role::Proxy, true));
+        }
+    }
+    if let Some(addr) = config.admin.listen {
+        let listener = Listener::bind(addr, Role::Admin, None, false)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr,
+                role: "admin.listen",
+                source,
+            })?;
+        bound.push((listener, Role::Admin, false));
+    }
+    Ok(bound)
+}
+
+/// Loads the configuration again and installs it if valid.
+fn reload(shared: &Shared) -> Result<(), String> {
+    let source = &shared.source;
+    let outcome = config::load_file(source.path.as_deref(), &source.env)
+        .map_err(|errors| errors.to_string())
+        .and_then(|config| {
+            let current = shared.snapshot();
+            warn_restart_only(&current.config, &config);
+            Snapshot::build(config, Some(&current))
+        });
+    match outcome {
+        Ok(snapshot) => {
+            let routes = snapshot.routes.len();
+            shared.install(snapshot);
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["success"])
+                .inc();
+            tracing::info!(routes, "configuration reloaded");
+            Ok(())
+        }
+        Err(error) => {
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["failure"])
+                .inc();
+            tracing::error!(%error, "configuration reload refused; the previous configuration stays in force");
+            Err(error)
+        }
+    }
+}
+
+/// Settings bound at start-up cannot change in place; say so instead of ignoring them.
+fn warn_restart_only(old: &Config, new: &Config) {
+    let sections = [
+        (
+            "listen",
+            serde_json::to_value(&old.listen).ok(),
+            serde_json::to_value(&new.listen).ok(),
+        ),
+        (
+            "tls",
+            serde_json::to_value(&old.tls).ok(),
+            serde_json::to_value(&new.tls).ok(),
+        ),
+        (
+            "admin",
+            serde_json::to_value(&old.admin).ok(),
+            serde_json::to_value(&new.admin).ok(),
+        ),
+        (
+            "limits",
+            serde_json::to_value(&old.limits).ok(),
+            serde_json::to_value(&new.limits).ok(),
+        ),
+        (
+            "log",
+            serde_json::to_value(&old.log).ok(),
+            serde_json::to_value(&new.log).ok(),
+        ),
+    ];
+    for (name, before, after) in sections {
+        if before != after {
+            tracing::warn!(
+                section = name,
+                "this section changed but only takes effect after a restart"
+            );
+        }
+    }
+}
+
+/// Polls the configuration file and the certificate files; reloads what changed.
+async fn watch_files(shared: Arc<Shared>, certs: Option<Arc<CertStore>>) {
+    let path = shared.source.path.clone();
+    let stamp_of = |path: &Option<PathBuf>| path.as_deref().map(|p| FileStamp::of(&[p]));
+    let mut last = stamp_of(&path);
+    let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        ticker.tick().await;
+        if let Some(certs) = &certs {
+            certs.reload_if_changed();
+        }
+        let stamp = stamp_of(&path);
+        if stamp != last {
+            last = stamp;
+            tracing::info!("configuration file changed; reloading");
+            let _ = reload(&shared);
+        }
+    }
+}

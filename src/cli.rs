@@ -1,0 +1,140 @@
+//! The command line: `serve` and `check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::Gateway;
+use crate::config::{self, Config, Env};
+
+/// orcheo-gateway: an authenticating reverse proxy for HTTP and WebSocket services.
+///
+/// It terminates TLS, checks every request's credential (JWT, service token or bootstrap
+/// token) against the route table, and forwards allowed requests to the upstream with
+/// identity headers.
+#[derive(Debug, Parser)]
+#[command(name = "orcheo-gateway", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway until SIGTERM or SIGINT (SIGHUP reloads the configuration).
+    Serve(ConfigArg),
+    /// Validate the configuration and environment exactly as `serve` would, and print
+    /// the effective settings with secrets redacted. Exit 1 listing every problem.
+    CheckConfig(ConfigArg),
+}
+
+/// Where the configuration file is.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file. Default: $ORCHEO_GATEWAY_CONFIG, else ./gateway.yaml if it
+    /// exists, else built-in defaults.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The process environment as a map (only valid UTF-8 variables).
+pub fn process_env() -> Env {
+    std::env::vars().collect()
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let env = process_env();
+    match cli.command {
+        Command::CheckConfig(arg) => check_config(arg.config, &env),
+        Command::Serve(arg) => serve(arg.config, env),
+    }
+}
+
+fn load(flag: Option<PathBuf>, env: &Env) -> Result<(Config, Option<PathBuf>), ExitCode> {
+    let path = config::resolve_path(flag.as_deref(), env);
+    match config::load_file(path.as_deref(), env) {
+        Ok(config) => Ok((config, path)),
+        Err(errors) => {
+            eprint!("{errors}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+fn check_config(flag: Option<PathBuf>, env: &Env) -> ExitCode {
+    let (config, path) = match load(flag, env) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let source = path.map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    match serde_yaml::to_string(&config) {
+        Ok(yaml) => {
+            println!("# configuration OK: {source}");
+            println!("# effective settings (environment applied, secrets redacted)");
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("cannot print the configuration: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(flag: Option<PathBuf>, env: Env) -> ExitCode {
+    let (config, path) = match load(flag, &env) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    crate::logging::init(config.log.level, config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let gateway = match Gateway::start(config, path, env).await {
+            Ok(gateway) => gateway,
+            Err(error) => {
+                tracing::error!(%error, "start-up failed");
+                eprintln!("error: {error}");
+                return ExitCode::from(1);
+            }
+        };
+        if let Err(error) = wait_for_signals(&gateway).await {
+            tracing::error!(%error, "cannot listen for signals");
+        }
+        gateway.shutdown().await;
+        ExitCode::SUCCESS
+    });
+    // In-flight tasks that outlived the grace period are cut here, not awaited.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+/// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
+async fn wait_for_signals(gateway: &Gateway) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = gateway.reload();
+            }
+        }
+    }
+}

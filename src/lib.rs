@@ -1,0 +1,35 @@
+//! orcheo-gateway: a reverse proxy that puts Orcheo's authentication model in front of
+//! any HTTP or WebSocket service.
+//!
+//! # Layout
+//! - [`cli`]: the command line (`serve`, `check-config`).
+//! - [`app`]: wire-up — configuration → state → listeners → watchers → drain.
+//! - [`config`]: `gateway.yaml` and environment, parsed into validated types.
+//! - [`server`]: accept loop, connection limits, TLS with certificate reload, PROXY
+//!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts.
+//! - [`handler`]: the request pipeline, one screen long.
+//! - [`routing`]: the route table and path normalisation.
+//! - [`proxy`]: upstream clients and header rewriting.
+//! - [`admin`]: health, readiness and metrics endpoints.
+//! - [`error`]: the error enum and the one mapping to status, JSON and headers.
+//! - [`metrics`], [`access_log`], [`logging`]: observability.
+//! - [`state`]: the configuration snapshot shared by requests, swapped on reload.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod files;
+pub mod handler;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod state;
+pub mod time;

@@ -1,0 +1,174 @@
+//! Prometheus metrics (contract §10.3), owned by one struct with its own Registry — never
+//! the process-global default one, so several gateways can live in one test process.
+//! Labels are bounded: route names, upstream names, fixed method names and status codes.
+
+use http::Method;
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+const PREFIX: &str = "orcheo_gateway";
+
+/// Latency buckets in seconds: from sub-millisecond proxying to minute-long upstream calls.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
+
+/// Every metric the gateway exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `requests_total{route,method,status}`.
+    pub requests: IntCounterVec,
+    /// `request_duration_seconds{route}`.
+    pub request_duration: HistogramVec,
+    /// `upstream_duration_seconds{upstream}`.
+    pub upstream_duration: HistogramVec,
+    /// `config_reloads_total{result}`.
+    pub config_reloads: IntCounterVec,
+    /// `tls_cert_not_after_timestamp_seconds`.
+    pub tls_not_after: Gauge,
+    /// `open_connections`: client connections currently open.
+    pub open_connections: IntGauge,
+    /// `build_info{version}`.
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some(PREFIX.into()), None)
+            .expect("the metric prefix is a valid name");
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Requests answered, by route, method and status",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from request to response head",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_duration_seconds",
+                "Time the upstream took to answer with its response head",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new("config_reloads_total", "Configuration reloads, by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let tls_not_after = Gauge::new(
+            "tls_cert_not_after_timestamp_seconds",
+            "Expiry of the serving TLS certificate, UNIX seconds",
+        )
+        .expect("valid metric");
+        let open_connections =
+            IntGauge::new("open_connections", "Client connections currently open")
+                .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; the version is the label"),
+            &["version"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(tls_not_after.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(build_info.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("each metric is registered once");
+        }
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            config_reloads,
+            tls_not_after,
+            open_connections,
+            build_info,
+        }
+    }
+
+    /// The registry, for metrics added by other parts of the gateway.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec only fails on invalid metric data, which registration rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    /// Records one answered request.
+    pub fn observe_request(&self, route: &str, method: &Method, status: u16, seconds: f64) {
+        let status_buffer = itoa_status(status);
+        let status = std::str::from_utf8(&status_buffer).unwrap_or("000");
+        self.requests
+            .with_label_values(&[route, method_label(method), status])
+            .inc();
+        self.request_duration
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn itoa_status(status: u16) -> [u8; 3] {
+    let status = status.min(999);
+    [
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]
+}
+
+/// The method as a label: the standard ones by name, anything else as `OTHER`, so a
+/// client cannot create label values at will.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}

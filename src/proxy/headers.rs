@@ -1,0 +1,147 @@
+//! Header rewriting between client and upstream (contract §5): hop-by-hop removal,
+//! identity-header stripping, `X-Forwarded-*` and `X-Request-Id`.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `X-Request-Id`.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still meet).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Headers the gateway sets itself; an identity header may not take one of these names.
+pub fn is_reserved(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+        || *name == header::UPGRADE
+        || *name == header::HOST
+        || *name == header::AUTHORIZATION
+        || *name == header::CONTENT_LENGTH
+        || *name == header::CONTENT_TYPE
+        || *name == X_REQUEST_ID
+        || *name == X_FORWARDED_FOR
+        || *name == X_FORWARDED_PROTO
+        || *name == X_FORWARDED_HOST
+        || *name == header::FORWARDED
+}
+
+/// Removes hop-by-hop headers, including every header named in `Connection`.
+/// `Upgrade` goes too: an upgrade is relayed only by the WebSocket path.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Removes every header in `names` (inbound identity headers must never reach the upstream).
+pub fn strip_named(headers: &mut HeaderMap, names: &[HeaderName]) {
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// What the forwarding headers are built from.
+pub struct Forwarding<'a> {
+    /// The address the request came from (after PROXY protocol).
+    pub peer: IpAddr,
+    /// Whether `peer` is a trusted proxy, whose forwarding headers are kept and extended.
+    pub peer_trusted: bool,
+    /// `http` or `https`: how the client reached the gateway.
+    pub scheme: &'static str,
+    /// The original `Host` (or HTTP/2 `:authority`).
+    pub host: Option<&'a HeaderValue>,
+    /// The request id.
+    pub request_id: &'a HeaderValue,
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host` and `X-Request-Id`. From an untrusted peer, the
+/// client's own forwarding headers are replaced, never extended.
+pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
+    let peer = fwd.peer.to_string();
+    let xff = match (fwd.peer_trusted, joined(headers, &X_FORWARDED_FOR)) {
+        (true, Some(previous)) => format!("{previous}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(value) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    let keep = |headers: &HeaderMap, name: &HeaderName| {
+        fwd.peer_trusted && headers.get(name).is_some_and(|v| !v.is_empty())
+    };
+    if !keep(headers, &X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.scheme));
+    }
+    if !keep(headers, &X_FORWARDED_HOST) {
+        match fwd.host {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+    }
+    if !fwd.peer_trusted {
+        headers.remove(header::FORWARDED);
+    }
+    headers.insert(X_REQUEST_ID, fwd.request_id.clone());
+}
+
+/// All values of a header joined with `, ` (a header may legally be repeated).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// The request id: the client's `X-Request-Id` when it is short printable ASCII,
+/// otherwise a new UUID.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(X_REQUEST_ID)
+        .filter(|v| {
+            let bytes = v.as_bytes();
+            (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("unknown"))
+        })
+}
+
+/// Size of a request head as it arrived: request line, header lines and the blank line.
+pub fn head_size(method: &str, target: &str, headers: &HeaderMap) -> usize {
+    let line = method.len() + target.len() + " HTTP/1.1\r\n".len() + 1;
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
+}

@@ -1,0 +1,288 @@
+//! Listeners and connections: accept under a connection limit, PROXY protocol and TLS
+//! handshakes under the header timeout, HTTP/1.1 and HTTP/2 serving with idle and
+//! slow-client cut-offs, and graceful drain on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Limits;
+use crate::state::Shared;
+
+mod activity;
+pub mod proxy_protocol;
+pub mod tls;
+
+use activity::{Activity, Tracked};
+
+/// Admin connections have their own small limit, so a flood on the main listeners
+/// never locks operators out of `/metrics` and `/readyz`.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// After a failed `accept` (typically: out of file descriptors) wait this long before
+/// trying again, instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Client traffic: routes, proxying.
+    Proxy,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    Admin,
+}
+
+/// Facts about the connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client as the gateway believes it: the PROXY header's source when the socket
+    /// peer is trusted, else the socket peer.
+    pub peer: SocketAddr,
+    /// The TCP peer.
+    pub socket_peer: SocketAddr,
+    /// Whether the client connected over TLS.
+    pub tls: bool,
+}
+
+/// A bound listener, ready to accept.
+pub struct Listener {
+    tcp: TcpListener,
+    role: Role,
+    tls: Option<TlsAcceptor>,
+    proxy_protocol: bool,
+}
+
+impl Listener {
+    /// Binds `addr`.
+    pub async fn bind(
+        addr: SocketAddr,
+        role: Role,
+        tls: Option<TlsAcceptor>,
+        proxy_protocol: bool,
+    ) -> std::io::Result<Self> {
+        let tcp = TcpListener::bind(addr).await?;
+        Ok(Listener {
+            tcp,
+            role,
+            tls,
+            proxy_protocol,
+        })
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// What every connection task needs.
+#[derive(Clone)]
+pub struct ServerContext {
+    /// Gateway state.
+    pub shared: Arc<Shared>,
+    /// Limits fixed at start-up.
+    pub limits: Limits,
+    /// Becomes `true` when the gateway shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Held by every connection task; the drain waits until all are dropped.
+    pub drain: mpsc::Sender<()>,
+}
+
+/// Accepts connections on `listener` until shutdown.
+pub async fn run(listener: Listener, ctx: ServerContext) {
+    let permits = match listener.role {
+        Role::Proxy => ctx.limits.max_connections,
+        Role::Admin => ADMIN_MAX_CONNECTIONS,
+    };
+    let semaphore = Arc::new(Semaphore::new(permits));
+    let listener = Arc::new(listener);
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        // The permit is taken before accepting: at the limit, new connections wait in
+        // the kernel's backlog instead of being accepted and then starved.
+        let permit = tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            permit = semaphore.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, socket_peer) = tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            accepted = listener.tcp.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let listener = listener.clone();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            connection(stream, socket_peer, &listener, ctx).await;
+        });
+    }
+}
+
+/// Resolves once shutdown has begun (at once if it already has).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await of the caller.
+    let _ = shutdown.wait_for(|&stop| stop).await.map(|_| ());
+}
+
+/// Decrements the open-connection gauge when the connection task ends.
+struct OpenGuard(prometheus::IntGauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    socket_peer: SocketAddr,
+    listener: &Listener,
+    ctx: ServerContext,
+) {
+    let gauge = ctx.shared.metrics.open_connections.clone();
+    gauge.inc();
+    let _open = OpenGuard(gauge);
+    let _ = stream.set_nodelay(true);
+    let deadline = ctx.limits.header_read_timeout.get();
+    let mut peer = socket_peer;
+    if listener.proxy_protocol {
+        match tokio::time::timeout(deadline, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(source)) => {
+                let trusted = ctx.shared.snapshot().is_trusted(socket_peer.ip());
+                if let (Some(source), true) = (source, trusted) {
+                    peer = source;
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%socket_peer, %error, "closing connection: bad PROXY header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%socket_peer, "closing connection: no PROXY header in time");
+                return;
+            }
+        }
+    }
+    let info = ConnInfo {
+        peer,
+        socket_peer,
+        tls: listener.tls.is_some(),
+    };
+    let Some(acceptor) = &listener.tls else {
+        return serve(stream, info, listener.role, ctx).await;
+    };
+    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => serve(tls_stream, info, listener.role, ctx).await,
+        Ok(Err(error)) => tracing::debug!(%socket_peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%socket_peer, "TLS handshake timed out"),
+    }
+}
+
+/// Interval of the per-connection watchdog: the resolution of the idle and first-request
+/// cut-offs.
+fn watchdog_period(limits: &Limits) -> Duration {
+    let shortest = limits
+        .header_read_timeout
+        .get()
+        .min(limits.idle_timeout.get());
+    (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let max_head = limits.max_header_bytes.0 as usize;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's own limit sits well above ours: requests between the two get the
+    // gateway's JSON 431; only grossly oversized heads meet hyper's bare 431.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout.get())
+        .max_buf_size((max_head * 2 + 4096).max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_head * 2).unwrap_or(u32::MAX))
+        // Bounds the work one connection can queue; the usual default of peers.
+        .max_concurrent_streams(256);
+    builder
+}
+
+async fn serve<IO>(io: IO, info: ConnInfo, role: Role, ctx: ServerContext)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Tracked::new(io, activity.clone()));
+    let info = Arc::new(info);
+    let shared = ctx.shared.clone();
+    let tracker = activity.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let guard = tracker.begin_request();
+        let shared = shared.clone();
+        let info = info.clone();
+        async move {
+            let response = match role {
+                Role::Proxy => crate::handler::handle(&shared, &info, request).await,
+                Role::Admin => crate::admin::handle(&shared, request).await,
+            };
+            drop(guard);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let builder = builder(&ctx.limits);
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let mut shutdown = ctx.shutdown.clone();
+    let mut watchdog = tokio::time::interval(watchdog_period(&ctx.limits));
+    let header_timeout = ctx.limits.header_read_timeout.get();
+    let idle_timeout = ctx.limits.idle_timeout.get();
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                break;
+            }
+            _ = stopped(&mut shutdown), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = watchdog.tick() => {
+                // A client that has not completed a first request head in time is cut
+                // off outright, whatever the protocol: it holds a slot and gives nothing.
+                if activity.requests_started() == 0 && activity.age() >= header_timeout {
+                    tracing::debug!("closing connection: no request head within the header timeout");
+                    break;
+                }
+                if !closing && activity.in_flight() == 0 && activity.idle_for() >= idle_timeout {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+    drop(ctx.drain);
+}
