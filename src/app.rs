@@ -118,7 +118,7 @@ impl Gateway {
                 (Role::Proxy, true) => addresses.https.push(addr),
                 (Role::Proxy, false) => addresses.http.push(addr),
             }
-            tracing::info!(%addr, role = ?role, tls, "listening");
+            tracing::info!(%addr, role = role.as_str(), tls, "listening");
             tasks.push(tokio::spawn(server::run(listener, ctx.clone())));
         }
         tasks.push(tokio::spawn(watch_files(shared.clone(), certs)));

@@ -43,6 +43,16 @@ pub enum Role {
     Admin,
 }
 
+impl Role {
+    /// The role's name in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Proxy => "proxy",
+            Role::Admin => "admin",
+        }
+    }
+}
+
 /// Facts about the connection a request arrived on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Load benchmark: the same nginx upstream on 127.0.0.1, once directly and once through
+# the gateway, driven by wrk for a bounded time. Prints requests/s, p50/p99 latency and
+# the gateway/direct ratio. Only 127.0.0.1 is ever targeted; every process started here
+# is stopped by PID on exit.
+#
+#   bash benches/proxy_load.sh            # 10 s per run
+#   DURATION=30s CONNECTIONS=128 bash benches/proxy_load.sh
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+UPSTREAM_PORT=${UPSTREAM_PORT:-18700}
+GATEWAY_PORT=${GATEWAY_PORT:-18701}
+ADMIN_PORT=${ADMIN_PORT:-18702}
+
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need nginx; then
+  echo "installing wrk and nginx (apt-get)…" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk nginx-light >/dev/null 2>&1 \
+    || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk nginx >/dev/null
+fi
+
+cargo build --release --quiet
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+mkdir -p "$work/logs"
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+master_process off;
+pid $work/nginx.pid;
+error_log $work/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work;
+  proxy_temp_path $work;
+  fastcgi_temp_path $work;
+  uwsgi_temp_path $work;
+  scgi_temp_path $work;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UPSTREAM_PORT;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+CONF
+nginx -p "$work" -c "$work/nginx.conf" &
+pids+=($!)
+
+cat > "$work/gateway.yaml" <<CONF
+listen: {http: ["127.0.0.1:$GATEWAY_PORT"]}
+admin: {listen: "127.0.0.1:$ADMIN_PORT"}
+upstreams: {default: {url: "http://127.0.0.1:$UPSTREAM_PORT"}}
+routes: [{name: all, path: "/**"}]
+log: {level: warn}
+CONF
+ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
+pids+=($!)
+
+for _ in $(seq 50); do
+  if curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 \
+     && curl -sf "http://127.0.0.1:$UPSTREAM_PORT/" >/dev/null 2>&1; then break; fi
+  sleep 0.2
+done
+
+# Runs wrk and prints "requests_per_second p50_ms p99_ms".
+run() {
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$1" > "$work/wrk.out"
+  awk '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /^Requests\/sec/ { rps=$2 }
+    /^ +50%/ { p50=ms($2) }
+    /^ +99%/ { p99=ms($2) }
+    END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }' "$work/wrk.out"
+}
+
+# Short warm-up so pools and caches are filled before measuring.
+wrk -t1 -c8 -d2s "http://127.0.0.1:$GATEWAY_PORT/warm" >/dev/null
+
+read -r d_rps d_p50 d_p99 < <(run "http://127.0.0.1:$UPSTREAM_PORT/bench")
+read -r g_rps g_p50 g_p99 < <(run "http://127.0.0.1:$GATEWAY_PORT/bench")
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
+echo "load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, small JSON response from nginx"
+printf '%-10s %12s %10s %10s\n' "target" "requests/s" "p50 ms" "p99 ms"
+printf '%-10s %12s %10s %10s\n' "direct" "$d_rps" "$d_p50" "$d_p99"
+printf '%-10s %12s %10s %10s\n' "gateway" "$g_rps" "$g_p50" "$g_p99"
+awk -v g="$g_rps" -v d="$d_rps" 'BEGIN { printf "ratio gateway/direct: %.2f\n", g/d }'

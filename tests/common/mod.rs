@@ -1,0 +1,311 @@
+//! Test harness: fake upstreams on port 0, an in-process gateway, and small clients.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use orcheo_gateway::app::Gateway;
+use orcheo_gateway::body::{self, Body};
+use orcheo_gateway::config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A fake upstream server.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `handler` on 127.0.0.1:0 (HTTP/1.1 and h2c).
+pub async fn upstream<F, Fut>(handler: F) -> Upstream
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, task }
+}
+
+/// An upstream that answers with JSON describing the request it received.
+pub async fn echo_upstream() -> Upstream {
+    upstream(|req: Request<Incoming>| async move {
+        let (parts, body) = req.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let mut headers = serde_json::Map::new();
+        for name in parts.headers.keys() {
+            let values: Vec<String> = parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            headers.insert(name.as_str().to_string(), values.into());
+        }
+        let echo = serde_json::json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "version": format!("{:?}", parts.version),
+            "headers": headers,
+            "body_len": bytes.len(),
+        });
+        let mut response = Response::new(body::full(echo.to_string()));
+        response
+            .headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        response
+    })
+    .await
+}
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    pub gateway: Option<Gateway>,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl TestGateway {
+    pub fn gateway(&self) -> &Gateway {
+        self.gateway.as_ref().unwrap()
+    }
+
+    pub async fn shutdown(&mut self) -> orcheo_gateway::app::ShutdownReport {
+        self.gateway.take().unwrap().shutdown().await
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (_, _, body) = get(self.admin, "/metrics").await;
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+}
+
+/// Listeners on port 0 plus `rest`; `{upstream}` in `rest` is replaced by `upstream_url`.
+pub fn yaml(upstream_url: &str, rest: &str) -> String {
+    format!(
+        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\nupstreams:\n  default: {{url: '{upstream_url}'}}\n{}",
+        rest.replace("{upstream}", upstream_url)
+    )
+}
+
+/// Starts a gateway from YAML text (no environment).
+pub async fn gateway(yaml: &str) -> TestGateway {
+    let config = config::load(yaml, &config::Env::new()).unwrap_or_else(|e| panic!("{e}"));
+    start(config, None).await
+}
+
+pub async fn start(config: config::Config, path: Option<std::path::PathBuf>) -> TestGateway {
+    let gateway = Gateway::start(config, path, config::Env::new())
+        .await
+        .unwrap();
+    let http = gateway
+        .addresses
+        .http
+        .first()
+        .copied()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let admin = gateway.addresses.admin.unwrap();
+    TestGateway {
+        gateway: Some(gateway),
+        http,
+        admin,
+    }
+}
+
+/// A gateway forwarding everything (`/**`) to an echo upstream.
+pub async fn echo_gateway(extra: &str) -> (TestGateway, Upstream) {
+    let up = echo_upstream().await;
+    let gw = gateway(&yaml(
+        &up.url(),
+        &format!("routes:\n  - {{name: all, path: '/**'}}\n{extra}"),
+    ))
+    .await;
+    (gw, up)
+}
+
+/// Sends one request over a fresh HTTP/1.1 connection.
+pub async fn send<B>(addr: SocketAddr, request: Request<B>) -> Response<Incoming>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender.send_request(request).await.unwrap()
+}
+
+/// GET `path`; returns status, headers and the whole body.
+pub async fn get(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, Bytes) {
+    let request = Request::get(path)
+        .header("host", format!("{addr}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    collect(send(addr, request).await).await
+}
+
+/// Reads a whole response.
+pub async fn collect(response: Response<Incoming>) -> (StatusCode, HeaderMap, Bytes) {
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, bytes)
+}
+
+/// Parses a JSON body.
+pub fn json(bytes: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+/// Asserts the gateway's JSON error shape: flat and under `detail`.
+pub fn assert_error(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &Bytes,
+    want: StatusCode,
+    code: &str,
+    message: &str,
+) {
+    assert_eq!(status, want, "{}", String::from_utf8_lossy(body));
+    assert_eq!(headers["content-type"], "application/json");
+    let value = json(body);
+    assert_eq!(value["code"], code);
+    assert_eq!(value["message"], message);
+    assert_eq!(value["detail"]["code"], code);
+    assert_eq!(value["detail"]["message"], message);
+}
+
+/// Writes raw bytes and reads until the server closes or `wait` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A body of `chunks` chunks of `chunk` bytes, generated as it is read.
+pub struct Generated {
+    chunk: Bytes,
+    left: usize,
+}
+
+impl Generated {
+    pub fn new(chunk_size: usize, chunks: usize) -> Self {
+        Generated {
+            chunk: Bytes::from(vec![b'x'; chunk_size]),
+            left: chunks,
+        }
+    }
+}
+
+impl HttpBody for Generated {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        self.left -= 1;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.clone()))))
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap()
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "orcheo-gw-{name}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `check` every 50 ms until it returns true or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The value of one series in Prometheus text, e.g. `name{label="x"}`.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}

@@ -1,0 +1,330 @@
+//! Reloads and shutdown, in process and through the real binary with real signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Response, StatusCode};
+use orcheo_gateway::body;
+
+fn route_yaml(upstream: &str, route_path: &str, extra: &str) -> String {
+    format!(
+        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\nupstreams: {{default: {{url: '{upstream}'}}}}\nroutes: [{{name: r, path: '{route_path}'}}]\n{extra}"
+    )
+}
+
+#[tokio::test]
+async fn reload_applies_a_valid_config_and_refuses_a_bad_one() {
+    let up = echo_upstream().await;
+    let dir = temp_dir("reload");
+    let file = dir.join("gateway.yaml");
+    std::fs::write(&file, route_yaml(&up.url(), "/a", "")).unwrap();
+    let config = orcheo_gateway::config::load_file(Some(&file), &Default::default()).unwrap();
+    let gw = start(config, Some(file.clone())).await;
+    assert_eq!(get(gw.http, "/a").await.0, StatusCode::OK);
+
+    std::fs::write(&file, route_yaml(&up.url(), "/b", "")).unwrap();
+    gw.gateway().reload().unwrap();
+    assert_eq!(get(gw.http, "/b").await.0, StatusCode::OK);
+    assert_eq!(get(gw.http, "/a").await.0, StatusCode::NOT_FOUND);
+
+    std::fs::write(&file, route_yaml(&up.url(), "no-slash", "")).unwrap();
+    let error = gw.gateway().reload().unwrap_err();
+    assert!(error.contains("routes[0].path"), "{error}");
+    assert_eq!(
+        get(gw.http, "/b").await.0,
+        StatusCode::OK,
+        "the old config keeps serving"
+    );
+    let metrics = gw.metrics().await;
+    // The file watcher may have noticed the same changes too, so these are lower bounds.
+    let reloads = |result: &str| {
+        metric_value(
+            &metrics,
+            &format!(r#"orcheo_gateway_config_reloads_total{{result="{result}"}}"#),
+        )
+        .unwrap()
+    };
+    assert!(reloads("success") >= 1.0, "{metrics}");
+    assert!(reloads("failure") >= 1.0, "{metrics}");
+
+    // A change to the file is noticed without any signal.
+    std::fs::write(&file, route_yaml(&up.url(), "/c", "")).unwrap();
+    let applied = eventually(Duration::from_secs(5), || async {
+        get(gw.http, "/c").await.0 == StatusCode::OK
+    })
+    .await;
+    assert!(applied, "the changed file was not picked up");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests_then_stops_accepting() {
+    let slow = upstream(|_req| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        Response::new(body::full("finished"))
+    })
+    .await;
+    let mut gw = gateway(&yaml(
+        &slow.url(),
+        "routes: [{name: all, path: '/**'}]\nlimits: {shutdown_grace: 5s}\n",
+    ))
+    .await;
+    let addr = gw.http;
+    let in_flight = tokio::spawn(async move { get(addr, "/slow").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let report = gw.shutdown().await;
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "finished");
+    assert_eq!(report.cut_connections, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "drain took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_cuts_what_outlives_the_grace_period() {
+    let stuck = upstream(|_req| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Response::new(body::full("never"))
+    })
+    .await;
+    let mut gw = gateway(&yaml(
+        &stuck.url(),
+        "routes: [{name: all, path: '/**'}]\nlimits: {shutdown_grace: 300ms}\n",
+    ))
+    .await;
+    let addr = gw.http;
+    let _in_flight = tokio::spawn(async move { get(addr, "/stuck").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let report = gw.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(report.cut_connections, 1);
+}
+
+/// The binary, started with a config file; its JSON log lines arrive on a channel.
+struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orcheo-gateway"))
+            .args(["serve", "-c"])
+            .arg(config)
+            .env_remove("ORCHEO_GATEWAY_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Process { child, lines }
+    }
+
+    /// Waits for a log line containing every one of `needles`.
+    fn wait_for(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {needles:?}");
+    }
+
+    fn address(&self, role: &str) -> SocketAddr {
+        let line = self.wait_for(&["listening", &format!(r#""role":"{role}""#)]);
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        value["addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not exit in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_reloads_on_sighup_and_drains_on_sigterm() {
+    let slow = upstream(|req: http::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+        Response::new(body::full("ok"))
+    })
+    .await;
+    let dir = temp_dir("binary");
+    let file = dir.join("gateway.yaml");
+    std::fs::write(
+        &file,
+        route_yaml(&slow.url(), "/one/**", "limits: {shutdown_grace: 10s}\n"),
+    )
+    .unwrap();
+    let mut process = Process::start(&file);
+    let http = process.address("proxy");
+    process.address("admin");
+    assert_eq!(get(http, "/one/x").await.0, StatusCode::OK);
+
+    // SIGHUP: a valid new file is applied.
+    std::fs::write(
+        &file,
+        route_yaml(&slow.url(), "/two/**", "limits: {shutdown_grace: 10s}\n"),
+    )
+    .unwrap();
+    process.signal("HUP");
+    process.wait_for(&["configuration reloaded"]);
+    assert_eq!(get(http, "/two/slow").await.0, StatusCode::OK);
+    assert_eq!(get(http, "/one/x").await.0, StatusCode::NOT_FOUND);
+
+    // SIGHUP: an invalid file is refused, logged, and the old one keeps serving.
+    std::fs::write(&file, "routes: [{name: r, path: /x, upstream: missing}]\n").unwrap();
+    process.signal("HUP");
+    let line = process.wait_for(&["configuration reload refused"]);
+    assert!(line.contains("routes[0].upstream"), "{line}");
+    assert_eq!(get(http, "/two/x").await.0, StatusCode::OK);
+
+    // SIGTERM with a request in flight: it finishes, then the process exits 0.
+    let in_flight = tokio::spawn(async move { get(http, "/two/slow").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    process.signal("TERM");
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "ok");
+    let exit = process.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "{exit:?}");
+    process.wait_for(&["shutdown complete"]);
+}
+
+fn check_config(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_orcheo-gateway"));
+    command
+        .arg("check-config")
+        .args(args)
+        .env_remove("ORCHEO_GATEWAY_CONFIG");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn check_config_prints_redacted_settings_or_every_problem() {
+    let dir = temp_dir("check");
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        "auth: {jwt: {secret: yaml-secret-1}}\nroutes: [{name: all, path: '/**'}]\n",
+    )
+    .unwrap();
+    let output = check_config(
+        &["-c", good.to_str().unwrap()],
+        &[
+            ("ORCHEO_AUTH_BOOTSTRAP_SERVICE_TOKEN", "env-boot-2"),
+            ("ORCHEO_POSTGRES_DSN", "postgres://u:pw-3@db/x"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(stdout.contains("path: /**"), "{stdout}");
+    for secret in ["yaml-secret-1", "env-boot-2", "pw-3"] {
+        assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
+    }
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "listen: {http: [nope]}\nlimits: {idle_timeout: never}\nextra: 1\n",
+    )
+    .unwrap();
+    let output = check_config(
+        &["--config", bad.to_str().unwrap()],
+        &[("ORCHEO_AUTH_MODE", "sometimes")],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in [
+        "listen.http[0]",
+        "limits.idle_timeout",
+        "extra",
+        "ORCHEO_AUTH_MODE",
+    ] {
+        assert!(
+            stderr.contains(&format!("  - {key}: ")),
+            "{key} not named:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_shipped_gateway_yaml_is_valid() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.yaml");
+    let output = check_config(&["-c", shipped], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for route in [
+        "system-health",
+        "workflow-websocket",
+        "credentials-write",
+        "name: api",
+    ] {
+        assert!(stdout.contains(route), "{route} missing:\n{stdout}");
+    }
+}

@@ -1,0 +1,189 @@
+//! Connection and header limits: 431, slow clients, idle connections, the connection
+//! limit, and PROXY protocol.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn oversized_request_heads_get_the_json_431() {
+    let (gw, _up) = echo_gateway("limits: {max_header_bytes: 4KiB}\n").await;
+    let req = Request::get("/x")
+        .header("host", "gw")
+        .header("x-big", "a".repeat(5000))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, headers, body) = collect(send(gw.http, req).await).await;
+    assert_error(
+        status,
+        &headers,
+        &body,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "request.header_too_large",
+        "Request headers too large",
+    );
+    // Just under the limit passes.
+    let req = Request::get("/x")
+        .header("host", "gw")
+        .header("x-big", "a".repeat(3500))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, _) = collect(send(gw.http, req).await).await;
+    assert_eq!(status, StatusCode::OK);
+    // Far over the limit, the connection's own parser refuses it before any handler runs.
+    let huge = format!(
+        "GET /x HTTP/1.1\r\nhost: gw\r\nx-huge: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let answer = raw(gw.http, huge.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    let (gw, _up) = echo_gateway("limits: {header_read_timeout: 1s}\n").await;
+    let mut slow = TcpStream::connect(gw.http).await.unwrap();
+    let started = Instant::now();
+    slow.write_all(b"GET /x HTTP/1.1\r\nhost: gw\r\n")
+        .await
+        .unwrap();
+    let trickle = async {
+        // One header byte every 200 ms: the head never completes.
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = slow.read_to_end(&mut rest).await;
+        started.elapsed()
+    };
+    let others = async {
+        for _ in 0..5 {
+            let (status, _, _) = get(gw.http, "/fast").await;
+            assert_eq!(status, StatusCode::OK);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (cut_after, ()) = tokio::join!(trickle, others);
+    assert!(
+        cut_after < Duration::from_millis(2500),
+        "slow client held on for {cut_after:?}"
+    );
+
+    // The same for a client that opens a connection and sends nothing at all.
+    let started = Instant::now();
+    let answer = raw(gw.http, b"", Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_millis(2500), "{answer}");
+
+    // And for an HTTP/2 client that sends the preface but never a request.
+    let started = Instant::now();
+    let answer = raw(
+        gw.http,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_millis(2500), "{answer}");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let (gw, _up) = echo_gateway("limits: {idle_timeout: 500ms}\n").await;
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => seen.extend_from_slice(&buffer[..n]),
+            Err(_) => panic!("the idle connection stayed open"),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(400) && closed_after < Duration::from_secs(3),
+        "{closed_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_connection_limit_holds_new_connections_back() {
+    let (gw, _up) = echo_gateway("limits: {max_connections: 2}\n").await;
+    let first = TcpStream::connect(gw.http).await.unwrap();
+    let second = TcpStream::connect(gw.http).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third connection completes the TCP handshake in the kernel's backlog, but the
+    // gateway does not accept and serve it while two are open.
+    let third = tokio::time::timeout(Duration::from_millis(700), get(gw.http, "/x")).await;
+    assert!(
+        third.is_err(),
+        "a third connection was served beyond the limit"
+    );
+    drop(first);
+    drop(second);
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), get(gw.http, "/x"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+async fn proxied_request(addr: std::net::SocketAddr, header: &[u8]) -> String {
+    let mut bytes = header.to_vec();
+    bytes.extend_from_slice(b"GET /who HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
+    raw(addr, &bytes, Duration::from_secs(5)).await
+}
+
+#[tokio::test]
+async fn proxy_protocol_sets_the_client_address_only_from_trusted_peers() {
+    let v1 = b"PROXY TCP4 198.51.100.23 10.0.0.1 40000 443\r\n";
+    let up = echo_upstream().await;
+    let config = |trusted: &str| {
+        format!(
+            "listen: {{http: ['127.0.0.1:0'], proxy_protocol: true}}\nadmin: {{listen: '127.0.0.1:0'}}\nupstreams: {{default: {{url: '{}'}}}}\nroutes: [{{name: all, path: '/**'}}]\ntrusted_proxies: [{trusted}]\n",
+            up.url()
+        )
+    };
+    let trusted = gateway(&config("'127.0.0.1'")).await;
+    let answer = proxied_request(trusted.http, v1).await;
+    assert!(
+        answer.contains(r#""x-forwarded-for":["198.51.100.23"]"#),
+        "{answer}"
+    );
+
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[203, 0, 113, 5, 10, 0, 0, 1, 0x9c, 0x40, 0x01, 0xbb]);
+    let answer = proxied_request(trusted.http, &v2).await;
+    assert!(
+        answer.contains(r#""x-forwarded-for":["203.0.113.5"]"#),
+        "{answer}"
+    );
+
+    let answer = proxied_request(trusted.http, b"").await;
+    assert!(
+        answer.is_empty(),
+        "a connection without a PROXY header must be closed: {answer}"
+    );
+
+    let untrusted = gateway(&config("")).await;
+    let answer = proxied_request(untrusted.http, v1).await;
+    assert!(
+        answer.contains(r#""x-forwarded-for":["127.0.0.1"]"#),
+        "an untrusted PROXY header is not believed: {answer}"
+    );
+}

@@ -1,0 +1,283 @@
+//! Forwarding through the gateway: paths, headers, errors and streaming.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use orcheo_gateway::body;
+
+fn request(addr: std::net::SocketAddr, path: &str) -> http::request::Builder {
+    Request::get(path).header("host", format!("gw.example:{}", addr.port()))
+}
+
+#[tokio::test]
+async fn forwards_the_normalised_path_and_original_query() {
+    let up = echo_upstream().await;
+    let gw = gateway(&yaml(
+        &format!("{}/base/", up.url()),
+        "routes:\n  - {name: svc, path: '/svc/**', strip_prefix: /svc}\n  - {name: api, path: '/api/**'}\n",
+    ))
+    .await;
+    let (status, headers, body) = get(gw.http, "/api/a/./b/../c%20d?x=1&y=%2F").await;
+    assert_eq!(status, StatusCode::OK);
+    let echo = json(&body);
+    assert_eq!(echo["path"], "/base/api/a/c%20d");
+    assert_eq!(echo["query"], "x=1&y=%2F");
+    assert!(headers.contains_key("x-request-id"));
+    let (_, _, body) = get(gw.http, "/svc/inner/x/").await;
+    assert_eq!(json(&body)["path"], "/base/inner/x/");
+    let (_, _, body) = get(gw.http, "/api/%2e%2e/svc/x").await;
+    assert_eq!(
+        json(&body)["path"],
+        "/base/x",
+        "normalised first, then matched and stripped"
+    );
+}
+
+#[tokio::test]
+async fn unmatched_requests_and_bad_paths_get_json_errors() {
+    let up = echo_upstream().await;
+    let gw = gateway(&yaml(
+        &up.url(),
+        "routes:\n  - {name: read, path: '/api/**', methods: [GET]}\n",
+    ))
+    .await;
+    let (status, headers, body) = get(gw.http, "/other").await;
+    assert_error(
+        status,
+        &headers,
+        &body,
+        StatusCode::NOT_FOUND,
+        "route.not_found",
+        "No route for this request",
+    );
+    let response = send(
+        gw.http,
+        request(gw.http, "/api/x")
+            .method("DELETE")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    let (status, headers, body) = collect(response).await;
+    assert_error(
+        status,
+        &headers,
+        &body,
+        StatusCode::NOT_FOUND,
+        "route.not_found",
+        "No route for this request",
+    );
+    let (status, headers, body) = get(gw.http, "/api/..%2f..%2fetc/passwd").await;
+    assert_error(
+        status,
+        &headers,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "request.invalid",
+        "Request path must not contain an encoded / or \\",
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"orcheo_gateway_requests_total{method="GET",route="none",status="404"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics
+        .contains(r#"orcheo_gateway_requests_total{method="DELETE",route="none",status="404"} 1"#));
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let up = upstream(|req: Request<Incoming>| async move {
+        let seen: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
+        let mut response = Response::new(body::full(seen.join(",")));
+        let headers = response.headers_mut();
+        headers.insert("connection", "x-upstream-private".parse().unwrap());
+        headers.insert("x-upstream-private", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("proxy-authenticate", "Basic".parse().unwrap());
+        headers.insert("x-kept", "yes".parse().unwrap());
+        response
+    })
+    .await;
+    let gw = gateway(&yaml(&up.url(), "routes:\n  - {name: all, path: '/**'}\n")).await;
+    let req = request(gw.http, "/x")
+        .header("connection", "x-private, keep-alive")
+        .header("x-private", "secret-hop")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic abc")
+        .header("proxy-connection", "keep-alive")
+        .header("upgrade", "h2c")
+        .header("x-end-to-end", "kept")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, headers, body) = collect(send(gw.http, req).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = String::from_utf8(body.to_vec()).unwrap();
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+        "upgrade",
+    ] {
+        assert!(
+            !seen.split(',').any(|h| h == gone),
+            "{gone} reached the upstream: {seen}"
+        );
+    }
+    assert!(seen.split(',').any(|h| h == "x-end-to-end"), "{seen}");
+    assert!(!headers.contains_key("x-upstream-private"));
+    assert!(!headers.contains_key("keep-alive"));
+    assert!(!headers.contains_key("proxy-authenticate"));
+    assert_eq!(headers["x-kept"], "yes");
+}
+
+#[tokio::test]
+async fn forwarding_headers_from_untrusted_and_trusted_peers() {
+    let (gw, _up) = echo_gateway("").await;
+    let req = request(gw.http, "/x")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.example")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-request-id", "client-chosen-id-1")
+        .header("x-orcheo-subject", "admin")
+        .header("X-Orcheo-Scopes", "admin:tokens:write")
+        .header("x-orcheo-identity", "forged")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (_, headers, body) = collect(send(gw.http, req).await).await;
+    let echo = json(&body);
+    let h = &echo["headers"];
+    assert_eq!(
+        h["x-forwarded-for"][0], "127.0.0.1",
+        "an untrusted client's XFF is dropped"
+    );
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert_eq!(
+        h["x-forwarded-host"][0],
+        format!("gw.example:{}", gw.http.port())
+    );
+    assert_eq!(
+        h["host"][0],
+        format!("gw.example:{}", gw.http.port()),
+        "the original Host is kept"
+    );
+    assert!(h.get("forwarded").is_none());
+    assert_eq!(h["x-request-id"][0], "client-chosen-id-1");
+    assert_eq!(headers["x-request-id"], "client-chosen-id-1");
+    for spoofed in ["x-orcheo-subject", "x-orcheo-scopes", "x-orcheo-identity"] {
+        assert!(h.get(spoofed).is_none(), "{spoofed} was forwarded");
+    }
+
+    let (trusted, _up2) = echo_gateway("trusted_proxies: ['127.0.0.0/8']\n").await;
+    let req = request(trusted.http, "/x")
+        .header("x-forwarded-for", "203.0.113.9, 10.0.0.2")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "public.example")
+        .header("x-request-id", "bad id with spaces")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (_, headers, body) = collect(send(trusted.http, req).await).await;
+    let h = &json(&body)["headers"];
+    assert_eq!(h["x-forwarded-for"][0], "203.0.113.9, 10.0.0.2, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"][0], "https");
+    assert_eq!(h["x-forwarded-host"][0], "public.example");
+    let id = headers["x-request-id"].to_str().unwrap();
+    assert_eq!(id.len(), 32, "an unusable client id is replaced: {id}");
+    assert_eq!(h["x-request-id"][0], id);
+}
+
+#[tokio::test]
+async fn refused_upstream_is_502_and_slow_upstream_is_504() {
+    // A port that was just free: nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let slow = upstream(|_req| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Response::new(body::full("late"))
+    })
+    .await;
+    let gw = gateway(&format!(
+        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\nupstreams:\n  down: {{url: 'http://{closed}'}}\n  slow: {{url: '{}', timeout: 300ms}}\nroutes:\n  - {{name: down, path: '/down', upstream: down}}\n  - {{name: slow, path: '/slow', upstream: slow}}\n  - {{name: slower-allowed, path: '/slow-ok', upstream: slow, timeout: 100ms}}\n",
+        slow.url()
+    ))
+    .await;
+    let (status, headers, body) = get(gw.http, "/down").await;
+    assert_error(
+        status,
+        &headers,
+        &body,
+        StatusCode::BAD_GATEWAY,
+        "upstream.unavailable",
+        "Upstream service is unavailable",
+    );
+    let started = std::time::Instant::now();
+    let (status, headers, body) = get(gw.http, "/slow").await;
+    assert_error(
+        status,
+        &headers,
+        &body,
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream.timeout",
+        "Upstream service timed out",
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let started = std::time::Instant::now();
+    let (status, _, _) = get(gw.http, "/slow-ok").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_millis(290),
+        "the route timeout overrides the upstream's"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"orcheo_gateway_upstream_duration_seconds_count{upstream="slow"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served() {
+    let (gw, _up) = echo_gateway("").await;
+    let stream = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://h2.example:{}/over/h2", gw.http.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let (status, _, body) = collect(response).await;
+    assert_eq!(status, StatusCode::OK);
+    let echo = json(&body);
+    assert_eq!(echo["path"], "/over/h2");
+    assert_eq!(
+        echo["version"], "HTTP/1.1",
+        "the upstream is spoken to in HTTP/1.1"
+    );
+    assert_eq!(
+        echo["headers"]["host"][0],
+        format!("h2.example:{}", gw.http.port())
+    );
+}
