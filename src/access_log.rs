@@ -56,6 +56,15 @@ impl AccessRecord {
         }
     }
 
+    /// Records who the caller is.
+    pub fn identify(&mut self, identity: &crate::auth::identity::Identity) {
+        self.auth_method = identity.method.as_str();
+        if !identity.is_anonymous() {
+            self.token_id = Some(identity.token_id.clone());
+            self.subject = Some(identity.subject.clone());
+        }
+    }
+
     /// Records metrics and writes the log line.
     pub fn finish(self, metrics: &Metrics, status: StatusCode, started: Instant) {
         let elapsed = started.elapsed();

@@ -7,6 +7,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::{self, Body};
+use crate::config::AuthMode;
 use crate::error::GatewayError;
 use crate::state::Shared;
 
@@ -16,7 +17,13 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Bod
         return GatewayError::RouteNotFound.to_response();
     }
     match request.uri().path() {
-        "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        "/healthz" => {
+            let mode = shared.snapshot().auth.mode();
+            json_response(
+                StatusCode::OK,
+                &json!({"status": "ok", "auth_mode": mode_name(mode.effective)}),
+            )
+        }
         "/readyz" => readiness(shared),
         "/metrics" => {
             let mut response = Response::new(body::full(shared.metrics.render()));
@@ -50,10 +57,22 @@ fn readiness(shared: &Shared) -> Response<Body> {
         if draining { "draining" } else { "running" },
     );
     let snapshot = shared.snapshot();
-    let routes = snapshot.routes.len();
+    if let Some(jwks) = snapshot.auth.remote_jwks() {
+        let fetched = jwks.is_ready();
+        let detail = if fetched {
+            "keys fetched"
+        } else {
+            "waiting for the first fetch"
+        };
+        check("jwks", fetched, detail);
+    }
+    let mode = snapshot.auth.mode();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "routes": routes,
+        "auth_mode": mode_name(mode.effective),
+        "auth_enforced": mode.enforced,
+        "auth_mode_reason": mode.reason,
+        "routes": snapshot.routes.len(),
         "checks": checks,
     });
     let status = if ready {
@@ -62,6 +81,14 @@ fn readiness(shared: &Shared) -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(status, &body)
+}
+
+fn mode_name(mode: AuthMode) -> &'static str {
+    match mode {
+        AuthMode::Disabled => "disabled",
+        AuthMode::Optional => "optional",
+        AuthMode::Required => "required",
+    }
 }
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

@@ -9,12 +9,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::assertion::AssertionSigner;
+use crate::config::TokenBackend;
 use crate::config::{self, Config};
 use crate::files::FileStamp;
 use crate::metrics::Metrics;
 use crate::server::tls::CertStore;
 use crate::server::{self, Listener, Role, ServerContext};
-use crate::state::{ConfigSource, Shared, Snapshot};
+use crate::state::{ConfigSource, Services, Shared, Snapshot};
+use crate::store::{MemoryStore, SqliteStore, TokenStore};
 
 /// How often the configuration and certificate files are checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -71,13 +74,29 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Binds every listener and starts serving `config`.
+    /// Binds every listener and starts serving `config`, with the token store its
+    /// `auth.service_tokens` names.
     pub async fn start(
         config: Config,
         path: Option<PathBuf>,
         env: config::Env,
     ) -> Result<Self, StartError> {
+        let store = open_store(&config)?;
+        Self::start_with_store(config, path, env, store).await
+    }
+
+    /// Like [`Gateway::start`], with a token store given by the caller (`demo`, tests).
+    pub async fn start_with_store(
+        config: Config,
+        path: Option<PathBuf>,
+        env: config::Env,
+        store: Arc<dyn TokenStore>,
+    ) -> Result<Self, StartError> {
         let metrics = Metrics::new();
+        let services = Services {
+            metrics: metrics.clone(),
+            store,
+        };
         let grace = config.limits.shutdown_grace.get();
         let limits = config.limits.clone();
         let certs = match (
@@ -92,11 +111,18 @@ impl Gateway {
             _ => None,
         };
         let listeners = bind_all(&config, certs.as_ref()).await?;
-        let snapshot = Snapshot::build(config, None).map_err(StartError::Config)?;
+        let snapshot = Snapshot::build(config, &services, None).map_err(StartError::Config)?;
         if snapshot.routes.is_empty() {
             tracing::warn!("no routes are configured: every request will be answered 404");
         }
-        let shared = Arc::new(Shared::new(snapshot, metrics, ConfigSource { path, env }));
+        log_mode(&snapshot, &metrics);
+        let signer = AssertionSigner::generate().map_err(StartError::Config)?;
+        let shared = Arc::new(Shared::new(
+            snapshot,
+            services,
+            signer,
+            ConfigSource { path, env },
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain, drained) = mpsc::channel(1);
         let ctx = ServerContext {
@@ -232,7 +258,7 @@ fn reload(shared: &Shared) -> Result<(), String> {
         .and_then(|config| {
             let current = shared.snapshot();
             warn_restart_only(&current.config, &config);
-            Snapshot::build(config, Some(&current))
+            Snapshot::build(config, &shared.services, Some(&current))
         });
     match outcome {
         Ok(snapshot) => {
@@ -255,6 +281,29 @@ fn reload(shared: &Shared) -> Result<(), String> {
             tracing::error!(%error, "configuration reload refused; the previous configuration stays in force");
             Err(error)
         }
+    }
+}
+
+/// Logs the effective authentication mode and its reason, and sets the gauge.
+fn log_mode(snapshot: &Snapshot, metrics: &Metrics) {
+    let mode = snapshot.auth.mode();
+    metrics.auth_enforced.set(i64::from(mode.enforced));
+    tracing::info!(mode = ?mode.effective, enforced = mode.enforced, reason = %mode.reason, "authentication mode");
+}
+
+/// The service-token store `auth.service_tokens.backend` names.
+fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
+    match config.auth.service_tokens.backend {
+        TokenBackend::Memory => Ok(Arc::new(MemoryStore::new())),
+        TokenBackend::Sqlite => {
+            let path = &config.auth.service_tokens.sqlite_path;
+            let store = SqliteStore::open(path).map_err(|e| StartError::Config(format!("auth.service_tokens.sqlite_path: {e}")))?;
+            tracing::info!(path = %path.display(), "service tokens in SQLite");
+            Ok(store)
+        }
+        TokenBackend::Postgres => Err(StartError::Config(
+            "auth.service_tokens.backend: the postgres store is not available in this version; use sqlite or memory".into(),
+        )),
     }
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod env;
 mod validate;
-pub use validate::{check_url, route_name};
+pub use validate::{check_url, jwks_json, route_name};
 mod load;
 pub mod values;
 
@@ -273,9 +273,9 @@ impl Default for Jwt {
 }
 
 /// The algorithms `auth.jwt.allowed_algorithms` may name.
-pub const JWT_ALGORITHMS: [&str; 14] = [
+pub const JWT_ALGORITHMS: [&str; 12] = [
     "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
-    "ES384", "EdDSA", "ES256K", "Ed25519",
+    "ES384", "EdDSA",
 ];
 
 /// The bootstrap token's default scopes.

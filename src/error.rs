@@ -2,10 +2,11 @@
 //! JSON body and headers (contract §10.1). What the client is told is short and fixed; the
 //! cause travels separately to the log.
 
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
+use crate::auth::failure::{AuthError, AuthFailure, RETRY_AFTER_UNAVAILABLE};
 use crate::body::{self, Body};
 use crate::routing::PathError;
 
@@ -30,6 +31,9 @@ pub enum GatewayError {
     /// The upstream did not answer within its timeout.
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
+    /// Authentication or authorization refused the request.
+    #[error("{}", .0.error.code())]
+    Auth(AuthFailure),
 }
 
 /// The JSON body of every gateway error: flat, and again under `detail` as Orcheo's
@@ -56,6 +60,7 @@ impl GatewayError {
             GatewayError::HeaderTooLarge(_) => "request.header_too_large",
             GatewayError::UpstreamUnavailable(_) => "upstream.unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream.timeout",
+            GatewayError::Auth(failure) => failure.error.code(),
         }
     }
 
@@ -69,30 +74,61 @@ impl GatewayError {
             GatewayError::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Auth(failure) => failure.error.status(),
         }
     }
 
     /// The message the client sees.
-    pub fn message(&self) -> &str {
+    pub fn message(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            GatewayError::RouteNotFound => "No route for this request",
-            GatewayError::InvalidRequest(message) => message,
-            GatewayError::InvalidPath(error) => error.message(),
-            GatewayError::HeaderTooLarge(_) => "Request headers too large",
-            GatewayError::UpstreamUnavailable(_) => "Upstream service is unavailable",
-            GatewayError::UpstreamTimeout(_) => "Upstream service timed out",
+            GatewayError::RouteNotFound => "No route for this request".into(),
+            GatewayError::InvalidRequest(message) => message.as_str().into(),
+            GatewayError::InvalidPath(error) => error.message().into(),
+            GatewayError::HeaderTooLarge(_) => "Request headers too large".into(),
+            GatewayError::UpstreamUnavailable(_) => "Upstream service is unavailable".into(),
+            GatewayError::UpstreamTimeout(_) => "Upstream service timed out".into(),
+            GatewayError::Auth(failure) => failure.error.message().into(),
         }
     }
 
     /// The complete response: status, JSON body and headers.
     pub fn to_response(&self) -> Response<Body> {
-        json_error(self.status(), self.code(), self.message())
+        let mut response = json_error(self.status(), self.code(), &self.message());
+        if let GatewayError::Auth(failure) = self {
+            add_auth_headers(&mut response, failure);
+        }
+        response
     }
 }
 
 impl From<PathError> for GatewayError {
     fn from(error: PathError) -> Self {
         GatewayError::InvalidPath(error)
+    }
+}
+
+/// `WWW-Authenticate` on 401s and scope 403s (RFC 6750 §3), `Retry-After` on 503s.
+fn add_auth_headers(response: &mut Response<Body>, failure: &AuthFailure) {
+    let challenge = match &failure.error {
+        AuthError::MissingScope(missing) => Some(format!(
+            r#"Bearer realm="orcheo", error="insufficient_scope", scope="{}""#,
+            missing.join(" ")
+        )),
+        error if error.status() == StatusCode::UNAUTHORIZED && failure.token_presented => {
+            Some(r#"Bearer realm="orcheo", error="invalid_token""#.to_string())
+        }
+        error if error.status() == StatusCode::UNAUTHORIZED => {
+            Some(r#"Bearer realm="orcheo""#.to_string())
+        }
+        _ => None,
+    };
+    if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().insert(WWW_AUTHENTICATE, value);
+    }
+    if failure.error.status() == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_UNAVAILABLE));
     }
 }
 

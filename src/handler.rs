@@ -1,14 +1,15 @@
-//! THE request pipeline: snapshot → route → (authenticate → authorize → rate-limit) →
-//! forward; on error, the one mapping; then metrics and the access log.
+//! THE request pipeline: snapshot → gateway's own paths → route → authenticate and
+//! authorize → forward; on error, the one mapping; then metrics and the access log.
 
 use std::time::Instant;
 
-use http::header::{HeaderValue, HOST};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::access_log::AccessRecord;
-use crate::body::Body;
+use crate::auth::Decision;
+use crate::body::{self, Body};
 use crate::error::GatewayError;
 use crate::proxy::headers::{self, Forwarding, X_REQUEST_ID};
 use crate::routing::NormalizedPath;
@@ -47,6 +48,9 @@ async fn pipeline(
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
     check_head_size(&request, snapshot)?;
+    if request.uri().path() == ASSERTION_JWKS_PATH {
+        return assertion_jwks(shared, snapshot);
+    }
     let path = NormalizedPath::parse(request.uri().path())?;
     let matched = snapshot
         .routes
@@ -54,6 +58,18 @@ async fn pipeline(
         .ok_or(GatewayError::RouteNotFound)?;
     let route = matched.route;
     record.route = route.name.clone();
+    let decision = snapshot
+        .auth
+        .check(
+            &matched,
+            request.headers(),
+            request.uri().query(),
+            false,
+            &record.client_ip,
+        )
+        .await
+        .map_err(GatewayError::Auth)?;
+    record.identify(&decision.identity);
     let upstream = snapshot
         .upstreams
         .get(&route.config.upstream)
@@ -61,8 +77,67 @@ async fn pipeline(
     record.upstream = Some(upstream.name().to_string());
     let uri = upstream.uri(&route.upstream_path(&path), request.uri().query())?;
     prepare_headers(snapshot, conn, &mut request, request_id);
+    identify(shared, snapshot, &mut request, &decision, upstream.name())?;
     let timeout = route.config.timeout.map_or(upstream.timeout(), |t| t.get());
     upstream.send(request, uri, timeout, &shared.metrics).await
+}
+
+/// Where the gateway serves the public key of its identity assertions.
+pub const ASSERTION_JWKS_PATH: &str = "/.well-known/orcheo-gateway/jwks.json";
+
+fn assertion_jwks(shared: &Shared, snapshot: &Snapshot) -> Result<Response<Body>, GatewayError> {
+    if !snapshot.config.identity.assertion.enabled {
+        return Err(GatewayError::RouteNotFound);
+    }
+    let mut response = Response::new(body::full(shared.signer.jwks().to_string()));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(response)
+}
+
+/// Tells the upstream who the caller is (contract §5): the identity headers, the
+/// credential when `forward_credentials` is on, and the signed assertion when enabled.
+fn identify(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    request: &mut Request<Incoming>,
+    decision: &Decision,
+    upstream: &str,
+) -> Result<(), GatewayError> {
+    let settings = &snapshot.config.identity;
+    let headers = request.headers_mut();
+    headers::set_identity(headers, &snapshot.identity_headers, &decision.identity);
+    if !settings.forward_credentials {
+        headers.remove(AUTHORIZATION);
+    } else if let Some(token) = &decision.token {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| GatewayError::InvalidRequest("Invalid credential".into()))?;
+        headers.insert(AUTHORIZATION, value);
+    } else if !decision.skipped {
+        headers.remove(AUTHORIZATION);
+    }
+    if settings.assertion.enabled {
+        let now = crate::time::Timestamp::now().0;
+        let ttl = settings.assertion.ttl.get().as_secs().max(1) as i64;
+        let assertion = shared
+            .signer
+            .sign(
+                &decision.identity,
+                &settings.assertion.issuer,
+                upstream,
+                now,
+                ttl,
+            )
+            .map_err(GatewayError::UpstreamUnavailable)?;
+        let value = HeaderValue::from_str(&assertion).map_err(|_| {
+            GatewayError::UpstreamUnavailable("assertion is not a header value".into())
+        })?;
+        if let Some(name) = snapshot.identity_headers.last() {
+            headers.insert(name.clone(), value);
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a request head larger than `limits.max_header_bytes` with the JSON 431.

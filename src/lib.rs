@@ -8,6 +8,9 @@
 //! - [`server`]: accept loop, connection limits, TLS with certificate reload, PROXY
 //!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts.
 //! - [`handler`]: the request pipeline, one screen long.
+//! - [`auth`]: credential extraction, JWT and JWKS, bootstrap and service tokens → identity.
+//! - [`authz`]: scopes and workspaces, pure functions of identity and route.
+//! - [`store`]: where service tokens live (the `TokenStore` trait).
 //! - [`routing`]: the route table and path normalisation.
 //! - [`proxy`]: upstream clients and header rewriting.
 //! - [`admin`]: health, readiness and metrics endpoints.
@@ -20,6 +23,8 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod auth;
+pub mod authz;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -32,4 +37,5 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod time;

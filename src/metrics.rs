@@ -33,6 +33,16 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     /// `build_info{version}`.
     pub build_info: IntGaugeVec,
+    /// `auth_attempts_total{method,result,code}`.
+    pub auth_attempts: IntCounterVec,
+    /// `auth_enforced`: 1 when authentication is enforced.
+    pub auth_enforced: IntGauge,
+    /// `jwks_refresh_total{result}`.
+    pub jwks_refresh: IntCounterVec,
+    /// `jwks_keys`: keys in the remote JWKS.
+    pub jwks_keys: IntGauge,
+    /// `jwks_last_success_timestamp_seconds`.
+    pub jwks_last_success: Gauge,
 }
 
 impl Metrics {
@@ -84,8 +94,38 @@ impl Metrics {
             &["version"],
         )
         .expect("valid metric");
+        let auth_attempts = IntCounterVec::new(
+            Opts::new(
+                "auth_attempts_total",
+                "Authentication attempts, by method, result and code",
+            ),
+            &["method", "result", "code"],
+        )
+        .expect("valid metric");
+        let auth_enforced = IntGauge::new(
+            "auth_enforced",
+            "1 when authentication is enforced (mode required, or optional with a credential source)",
+        )
+        .expect("valid metric");
+        let jwks_refresh = IntCounterVec::new(
+            Opts::new("jwks_refresh_total", "Remote JWKS fetches, by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let jwks_keys =
+            IntGauge::new("jwks_keys", "Keys in the remote JWKS").expect("valid metric");
+        let jwks_last_success = Gauge::new(
+            "jwks_last_success_timestamp_seconds",
+            "Time of the last successful remote JWKS fetch, UNIX seconds",
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth_attempts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth_enforced.clone()),
+            Box::new(jwks_refresh.clone()),
+            Box::new(jwks_keys.clone()),
+            Box::new(jwks_last_success.clone()),
+            Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(config_reloads.clone()),
@@ -102,6 +142,7 @@ impl Metrics {
             .set(1);
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
+            jwks_refresh.with_label_values(&[result]);
         }
         Metrics {
             registry,
@@ -112,6 +153,11 @@ impl Metrics {
             tls_not_after,
             open_connections,
             build_info,
+            auth_attempts,
+            auth_enforced,
+            jwks_refresh,
+            jwks_keys,
+            jwks_last_success,
         }
     }
 

@@ -22,6 +22,13 @@ use crate::metrics::Metrics;
 pub mod headers;
 mod tls_client;
 
+pub use tls_client::{config as tls_client_config, Roots};
+
+/// The system trust roots when `needed`, for any client the gateway builds.
+pub fn tls_roots(needed: bool) -> Roots {
+    Roots::load(needed)
+}
+
 /// Idle upstream connections are kept this long for reuse; shorter than the usual 60 s+
 /// keep-alive of upstream servers, so the gateway closes first and never reuses a
 /// connection the upstream is closing.

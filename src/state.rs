@@ -9,10 +9,23 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::header::HeaderName;
 
+use crate::auth::assertion::AssertionSigner;
+use crate::auth::jwks::RemoteJwks;
+use crate::auth::Authenticator;
 use crate::config::{Cidr, Config, Env};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamSet;
 use crate::routing::RouteTable;
+use crate::store::TokenStore;
+
+/// What lives as long as the process and every snapshot is built with.
+#[derive(Clone)]
+pub struct Services {
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The service-token store.
+    pub store: Arc<dyn TokenStore>,
+}
 
 /// Everything derived from one configuration. Requests hold an `Arc` of it for their
 /// whole life, so a reload never changes the rules under a request in flight.
@@ -25,12 +38,25 @@ pub struct Snapshot {
     pub upstreams: UpstreamSet,
     /// Inbound headers removed from every request: the identity headers and the assertion.
     pub identity_headers: Vec<HeaderName>,
+    /// Authentication under this configuration.
+    pub auth: Authenticator,
 }
 
 impl Snapshot {
     /// Builds a snapshot; `previous` lends its unchanged upstream clients.
-    pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Self, String> {
+    pub fn build(
+        config: Config,
+        services: &Services,
+        previous: Option<&Snapshot>,
+    ) -> Result<Self, String> {
         let routes = RouteTable::compile(&config.routes)?;
+        let remote = remote_jwks(&config, services, previous)?;
+        let auth = Authenticator::build(
+            &config,
+            services.store.clone(),
+            remote,
+            services.metrics.clone(),
+        )?;
         let upstreams = UpstreamSet::build(&config, previous.map(|p| &p.upstreams))?;
         let identity = &config.identity;
         let identity_headers = identity
@@ -49,6 +75,7 @@ impl Snapshot {
             routes,
             upstreams,
             identity_headers,
+            auth,
         })
     }
 
@@ -59,6 +86,39 @@ impl Snapshot {
             .iter()
             .any(|net: &Cidr| net.contains(ip))
     }
+}
+
+/// The remote JWKS client: the previous one (with its cached keys) when its settings did
+/// not change, else a new one, started.
+fn remote_jwks(
+    config: &Config,
+    services: &Services,
+    previous: Option<&Snapshot>,
+) -> Result<Option<Arc<RemoteJwks>>, String> {
+    let jwt = &config.auth.jwt;
+    let Some(url) = &jwt.jwks_url else {
+        return Ok(None);
+    };
+    if let Some(old) = previous.filter(|p| same_jwks_settings(&p.config, config)) {
+        if let Some(remote) = old.auth.remote_jwks() {
+            return Ok(Some(remote.clone()));
+        }
+    }
+    let remote = RemoteJwks::new(
+        url,
+        jwt.jwks_cache_ttl.get(),
+        jwt.jwks_timeout.get(),
+        services.metrics.clone(),
+    )?;
+    remote.start();
+    Ok(Some(remote))
+}
+
+fn same_jwks_settings(a: &Config, b: &Config) -> bool {
+    let (a, b) = (&a.auth.jwt, &b.auth.jwt);
+    a.jwks_url == b.jwks_url
+        && a.jwks_cache_ttl == b.jwks_cache_ttl
+        && a.jwks_timeout == b.jwks_timeout
 }
 
 /// Where the configuration came from, so reloads read the same sources.
@@ -75,6 +135,10 @@ pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Long-lived services the snapshots are built with.
+    pub services: Services,
+    /// Signs identity assertions; one key for the life of the process.
+    pub signer: AssertionSigner,
     /// Where to reload the configuration from.
     pub source: ConfigSource,
     draining: AtomicBool,
@@ -83,10 +147,17 @@ pub struct Shared {
 
 impl Shared {
     /// State around a first snapshot.
-    pub fn new(snapshot: Snapshot, metrics: Metrics, source: ConfigSource) -> Self {
+    pub fn new(
+        snapshot: Snapshot,
+        services: Services,
+        signer: AssertionSigner,
+        source: ConfigSource,
+    ) -> Self {
         Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
-            metrics,
+            metrics: services.metrics.clone(),
+            services,
+            signer,
             source,
             draining: AtomicBool::new(false),
             listeners_bound: AtomicBool::new(false),

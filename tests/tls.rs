@@ -275,10 +275,12 @@ async fn a_key_that_does_not_fit_the_certificate_stops_the_start() {
         dir.join("key.pem").display()
     );
     let config = orcheo_gateway::config::load(&yaml, &Default::default()).unwrap();
-    let error = orcheo_gateway::app::Gateway::start(config, None, Default::default())
-        .await
-        .err()
-        .unwrap();
+    let store = std::sync::Arc::new(orcheo_gateway::store::MemoryStore::new());
+    let error =
+        orcheo_gateway::app::Gateway::start_with_store(config, None, Default::default(), store)
+            .await
+            .err()
+            .unwrap();
     assert!(error.to_string().contains("does not belong to"), "{error}");
 }
 

@@ -183,7 +183,7 @@ fn check_auth(config: &Config, errors: &mut ConfigErrors) {
         }
     }
     if let Some(jwks) = &jwt.jwks {
-        if let Err(message) = check_jwks_shape(jwks) {
+        if let Err(message) = check_jwks(jwks) {
             errors.push("auth.jwt.jwks", message);
         }
     }
@@ -212,26 +212,24 @@ fn check_auth(config: &Config, errors: &mut ConfigErrors) {
     }
 }
 
-/// A static JWKS is `{"keys": [...]}` or a bare list of key objects, possibly as JSON text.
-fn check_jwks_shape(value: &serde_yaml::Value) -> Result<(), String> {
-    use serde_yaml::Value;
+/// A static JWKS as JSON, whether it was written as YAML or as JSON text.
+pub fn jwks_json(value: &serde_yaml::Value) -> Result<serde_json::Value, String> {
     let parsed;
     let value = match value {
-        Value::String(text) => {
-            parsed =
-                serde_yaml::from_str::<Value>(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        serde_yaml::Value::String(text) => {
+            parsed = serde_yaml::from_str::<serde_yaml::Value>(text)
+                .map_err(|e| format!("not valid JSON: {e}"))?;
             &parsed
         }
         other => other,
     };
-    let keys = match value {
-        Value::Mapping(map) => map.get("keys").ok_or("a JWKS object needs a `keys` list")?,
-        other => other,
-    };
-    match keys {
-        Value::Sequence(items) if items.iter().all(Value::is_mapping) => Ok(()),
-        _ => Err("`keys` must be a list of JSON Web Key objects".into()),
-    }
+    serde_json::to_value(value).map_err(|e| format!("not a JSON document: {e}"))
+}
+
+/// Parses a static JWKS exactly as start-up will, so `check-config` reports bad keys.
+fn check_jwks(value: &serde_yaml::Value) -> Result<(), String> {
+    let json = jwks_json(value)?;
+    crate::auth::keys::parse_key_set(&json).map(|_| ())
 }
 
 fn check_identity(config: &Config, errors: &mut ConfigErrors) {

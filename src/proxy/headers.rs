@@ -64,6 +64,33 @@ pub fn strip_named(headers: &mut HeaderMap, names: &[HeaderName]) {
     }
 }
 
+/// Sets the identity headers. `names` are, in order: subject, identity type, token id,
+/// scopes, workspaces, auth method (then the assertion header, not set here). An
+/// anonymous identity gets only the type and the method.
+pub fn set_identity(
+    headers: &mut HeaderMap,
+    names: &[HeaderName],
+    identity: &crate::auth::identity::Identity,
+) {
+    let [subject, kind, token_id, scopes, workspaces, method, ..] = names else {
+        return;
+    };
+    let mut set = |name: &HeaderName, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name.clone(), value);
+        }
+    };
+    set(kind, identity.identity_type.as_str());
+    set(method, identity.method.as_str());
+    if identity.is_anonymous() {
+        return;
+    }
+    set(subject, &identity.subject);
+    set(token_id, &identity.token_id);
+    set(scopes, &identity.scopes_header());
+    set(workspaces, &identity.workspaces.header_value());
+}
+
 /// What the forwarding headers are built from.
 pub struct Forwarding<'a> {
     /// The address the request came from (after PROXY protocol).

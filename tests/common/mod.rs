@@ -18,8 +18,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use orcheo_gateway::app::Gateway;
 use orcheo_gateway::body::{self, Body};
 use orcheo_gateway::config;
+use orcheo_gateway::store::MemoryStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+pub mod jwt;
 
 /// A fake upstream server.
 pub struct Upstream {
@@ -140,7 +143,16 @@ pub async fn gateway(yaml: &str) -> TestGateway {
 }
 
 pub async fn start(config: config::Config, path: Option<std::path::PathBuf>) -> TestGateway {
-    let gateway = Gateway::start(config, path, config::Env::new())
+    start_with(config, path, std::sync::Arc::new(MemoryStore::new())).await
+}
+
+/// Starts a gateway with a given token store.
+pub async fn start_with(
+    config: config::Config,
+    path: Option<std::path::PathBuf>,
+    store: std::sync::Arc<MemoryStore>,
+) -> TestGateway {
+    let gateway = Gateway::start_with_store(config, path, config::Env::new(), store)
         .await
         .unwrap();
     let http = gateway

@@ -1,0 +1,408 @@
+//! Authentication (contract §3): the effective mode, where the credential comes from, and
+//! what it is — the bootstrap token, a service token, or a JWT — turned into an
+//! [`Identity`]. Every decision is logged on failure and counted.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::HeaderMap;
+
+use crate::config::{AuthMode, Config};
+use crate::metrics::Metrics;
+use crate::routing::RouteMatch;
+use crate::store::{hash_secret, TokenStore};
+use crate::time::Timestamp;
+
+pub mod assertion;
+mod cache;
+pub mod credential;
+pub mod failure;
+pub mod identity;
+pub mod jwks;
+pub mod jwt;
+pub mod keys;
+
+use credential::{Credential, MAX_TOKEN_BYTES};
+use failure::{AuthError, AuthFailure, Expired};
+use identity::{AuthMethod, Identity, IdentityType, Workspaces};
+use jwks::RemoteJwks;
+use jwt::{JwtSettings, JwtVerifier};
+
+/// Verified JWTs remembered at most; each entry is a few hundred bytes.
+const TOKEN_CACHE_CAPACITY: usize = 10_000;
+
+/// The bootstrap token, kept only as its digest so it is compared in constant time.
+struct BootstrapToken {
+    digest: [u8; 32],
+    scopes: BTreeSet<String>,
+    expires_at: Option<Timestamp>,
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
+    out
+}
+
+/// Equality of two digests without an early exit, so timing reveals nothing.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A short, non-reversible token fingerprint for logs: never the token itself.
+pub fn fingerprint(token: &str) -> String {
+    hash_secret(token)[..12].to_string()
+}
+
+/// The mode in force and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModeReport {
+    /// `disabled`, `optional` or `required`, as enforced right now.
+    pub effective: AuthMode,
+    /// Whether a missing credential is refused.
+    pub enforced: bool,
+    /// Why.
+    pub reason: String,
+}
+
+/// The outcome of authenticating and authorizing one request.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The caller.
+    pub identity: Arc<Identity>,
+    /// The verified token, to forward as `Authorization: Bearer …` when configured.
+    pub token: Option<String>,
+    /// Whether authentication was skipped (disabled mode or a public route): the
+    /// request's own `Authorization` header then passes through as it came.
+    pub skipped: bool,
+}
+
+/// Authenticates requests under one configuration.
+pub struct Authenticator {
+    configured: Option<AuthMode>,
+    /// Why enforcement is on in the default mode, from the configuration alone.
+    static_source: Option<&'static str>,
+    bootstrap: Option<BootstrapToken>,
+    jwt: JwtVerifier,
+    store: Arc<dyn TokenStore>,
+    metrics: Metrics,
+}
+
+impl Authenticator {
+    /// Builds the authenticator of `config`. `remote` is the remote JWKS client, when
+    /// `auth.jwt.jwks_url` is set.
+    pub fn build(
+        config: &Config,
+        store: Arc<dyn TokenStore>,
+        remote: Option<Arc<RemoteJwks>>,
+        metrics: Metrics,
+    ) -> Result<Self, String> {
+        let auth = &config.auth;
+        let settings = JwtSettings::from_config(&auth.jwt)?;
+        let static_keys = match &auth.jwt.jwks {
+            Some(value) => {
+                let json = crate::config::jwks_json(value)?;
+                let (keys, skipped) =
+                    keys::parse_key_set(&json).map_err(|e| format!("auth.jwt.jwks: {e}"))?;
+                for note in skipped {
+                    tracing::warn!(%note, "static JWKS entry skipped");
+                }
+                keys
+            }
+            None => keys::KeySet::default(),
+        };
+        let secret = auth.jwt.secret.as_ref().map(|s| s.expose().as_bytes());
+        let jwt = JwtVerifier::new(settings, secret, static_keys, remote, TOKEN_CACHE_CAPACITY)?;
+        let bootstrap = auth
+            .bootstrap
+            .token
+            .as_ref()
+            .filter(|t| !t.expose().is_empty())
+            .map(|token| BootstrapToken {
+                digest: digest(token.expose()),
+                scopes: auth.bootstrap.scopes.0.iter().cloned().collect(),
+                expires_at: auth.bootstrap.expires_at,
+            });
+        let static_source = if auth.jwt.secret.is_some() {
+            Some("a JWT secret is configured")
+        } else if auth.jwt.jwks_url.is_some() {
+            Some("a JWKS URL is configured")
+        } else if auth.jwt.jwks.is_some() {
+            Some("a static JWKS is configured")
+        } else if bootstrap.is_some() {
+            Some("a bootstrap token is configured")
+        } else {
+            None
+        };
+        Ok(Authenticator {
+            configured: auth.mode,
+            static_source,
+            bootstrap,
+            jwt,
+            store,
+            metrics,
+        })
+    }
+
+    /// The remote JWKS, for readiness.
+    pub fn remote_jwks(&self) -> Option<&Arc<RemoteJwks>> {
+        self.jwt.remote()
+    }
+
+    /// The token store.
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.store
+    }
+
+    /// The mode in force now: in the default mode, creating the first service token
+    /// switches enforcement on without a restart.
+    pub fn mode(&self) -> ModeReport {
+        let report = |effective, enforced, reason: &str| ModeReport {
+            effective,
+            enforced,
+            reason: reason.to_string(),
+        };
+        match self.configured {
+            Some(AuthMode::Disabled) => report(AuthMode::Disabled, false, "auth.mode is disabled"),
+            Some(AuthMode::Required) => report(AuthMode::Required, true, "auth.mode is required"),
+            Some(AuthMode::Optional) => report(AuthMode::Optional, false, "auth.mode is optional"),
+            None => match self.static_source {
+                Some(reason) => report(
+                    AuthMode::Required,
+                    true,
+                    &format!("auth.mode is unset and {reason}"),
+                ),
+                None if self.store.has_active() => report(
+                    AuthMode::Required,
+                    true,
+                    "auth.mode is unset and an active service token exists",
+                ),
+                None => report(
+                    AuthMode::Optional,
+                    false,
+                    "auth.mode is unset and no credential source exists",
+                ),
+            },
+        }
+    }
+
+    /// Authenticates and authorizes one request for `matched`. `websocket` selects the
+    /// upgrade credential sources.
+    pub async fn check(
+        &self,
+        matched: &RouteMatch<'_>,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        websocket: bool,
+        client_ip: &str,
+    ) -> Result<Decision, AuthFailure> {
+        let mode = self.mode();
+        self.metrics.auth_enforced.set(i64::from(mode.enforced));
+        let route = &matched.route.config;
+        if mode.effective == AuthMode::Disabled || route.public {
+            return Ok(Decision {
+                identity: Arc::new(Identity::anonymous()),
+                token: None,
+                skipped: true,
+            });
+        }
+        let credential = if websocket {
+            credential::from_websocket(headers, query)
+        } else {
+            credential::from_http(headers)
+        };
+        let (identity, token) = match credential {
+            Credential::BadScheme => {
+                let failure = AuthFailure::bare(AuthError::InvalidScheme);
+                self.record_failure("none", &failure, client_ip, None);
+                return Err(failure);
+            }
+            Credential::None if mode.enforced => {
+                let failure = AuthFailure::bare(AuthError::MissingToken);
+                self.record_failure("none", &failure, client_ip, None);
+                return Err(failure);
+            }
+            Credential::None => (Arc::new(Identity::anonymous()), None),
+            Credential::Bearer { token, .. } => {
+                let identity = self.authenticate(&token, client_ip).await?;
+                (identity, Some(token))
+            }
+        };
+        let workspace = requested_workspace(matched, headers, query);
+        crate::authz::authorize(&identity, &route.scopes.0, workspace.as_deref()).map_err(
+            |error| {
+                let failure = AuthFailure {
+                    identity: (!identity.is_anonymous()).then(|| identity.subject.clone()),
+                    token_presented: token.is_some() && error == AuthError::MissingToken,
+                    error,
+                };
+                self.record_failure(
+                    identity.method.as_str(),
+                    &failure,
+                    client_ip,
+                    token.as_deref(),
+                );
+                failure
+            },
+        )?;
+        Ok(Decision {
+            identity,
+            token,
+            skipped: false,
+        })
+    }
+
+    /// What a token is, in the contract's order: bootstrap, service token, JWT.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        client_ip: &str,
+    ) -> Result<Arc<Identity>, AuthFailure> {
+        let method = if self.is_bootstrap(token) {
+            AuthMethod::Bootstrap
+        } else if token.contains('.') {
+            AuthMethod::Jwt
+        } else {
+            AuthMethod::ServiceToken
+        };
+        let result = if token.len() > MAX_TOKEN_BYTES {
+            Err(AuthFailure::token(AuthError::InvalidToken))
+        } else {
+            match method {
+                AuthMethod::Bootstrap => self.bootstrap_identity(client_ip),
+                // Service tokens are base64url and never contain a dot; JWTs always do.
+                AuthMethod::ServiceToken => self.service_token(token).await,
+                _ if self.jwt.has_sources() => self.jwt.verify(token, now_seconds()).await,
+                _ => Err(AuthFailure::token(AuthError::InvalidToken)),
+            }
+        };
+        match &result {
+            Ok(identity) => {
+                self.metrics
+                    .auth_attempts
+                    .with_label_values(&[method.as_str(), "success", "ok"])
+                    .inc();
+                tracing::debug!(method = method.as_str(), token_id = %identity.token_id, subject = %identity.subject, "authenticated");
+            }
+            Err(failure) => self.record_failure(method.as_str(), failure, client_ip, Some(token)),
+        }
+        result
+    }
+
+    fn record_failure(
+        &self,
+        method: &str,
+        failure: &AuthFailure,
+        client_ip: &str,
+        token: Option<&str>,
+    ) {
+        let code = failure.error.code();
+        self.metrics
+            .auth_attempts
+            .with_label_values(&[method, "failure", code])
+            .inc();
+        tracing::warn!(
+            code,
+            method,
+            client_ip,
+            identity = failure.identity.as_deref().unwrap_or(""),
+            token_fingerprint = token.map(fingerprint).unwrap_or_default(),
+            "authentication failed"
+        );
+    }
+
+    fn is_bootstrap(&self, token: &str) -> bool {
+        self.bootstrap
+            .as_ref()
+            .is_some_and(|b| constant_time_eq(&b.digest, &digest(token)))
+    }
+
+    fn bootstrap_identity(&self, client_ip: &str) -> Result<Arc<Identity>, AuthFailure> {
+        let Some(bootstrap) = &self.bootstrap else {
+            return Err(AuthFailure::token(AuthError::InvalidToken));
+        };
+        if bootstrap
+            .expires_at
+            .is_some_and(|at| at <= Timestamp::now())
+        {
+            return Err(AuthFailure::of(
+                AuthError::TokenExpired(Expired::Bootstrap),
+                "bootstrap",
+            ));
+        }
+        tracing::warn!(
+            client_ip,
+            "the bootstrap service token was used; replace it with a persistent service token"
+        );
+        Ok(Arc::new(Identity {
+            subject: "bootstrap".into(),
+            identity_type: IdentityType::Service,
+            token_id: "bootstrap".into(),
+            scopes: bootstrap.scopes.clone(),
+            workspaces: Workspaces {
+                all: true,
+                ids: BTreeSet::new(),
+            },
+            method: AuthMethod::Bootstrap,
+            expires_at: bootstrap.expires_at.map(|t| t.0),
+        }))
+    }
+
+    async fn service_token(&self, token: &str) -> Result<Arc<Identity>, AuthFailure> {
+        let record = match self.store.lookup(&hash_secret(token)).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Err(AuthFailure::token(AuthError::InvalidToken)),
+            Err(error) => {
+                tracing::error!(%error, backend = self.store.backend(), "service token lookup failed");
+                return Err(AuthFailure::token(AuthError::BackendUnavailable));
+            }
+        };
+        let id = record.identifier.clone();
+        if record.revoked_at.is_some() {
+            return Err(AuthFailure::of(AuthError::TokenRevoked, id));
+        }
+        if record.expires_at.is_some_and(|at| at <= Timestamp::now()) {
+            return Err(AuthFailure::of(
+                AuthError::TokenExpired(Expired::Service),
+                id,
+            ));
+        }
+        Ok(Arc::new(Identity {
+            subject: id.clone(),
+            identity_type: IdentityType::Service,
+            token_id: id,
+            scopes: record.scopes.iter().cloned().collect(),
+            workspaces: Workspaces::from_ids(record.workspace_ids.iter().cloned()),
+            method: AuthMethod::ServiceToken,
+            expires_at: record.expires_at.map(|t| t.0),
+        }))
+    }
+}
+
+/// The workspace a request asks for, from the route's `workspace` source.
+fn requested_workspace(
+    matched: &RouteMatch<'_>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<String> {
+    let source = matched.route.config.workspace.as_ref()?;
+    if let Some(param) = &source.path_param {
+        return matched.param(param).map(str::to_string);
+    }
+    if let Some(name) = &source.header {
+        return headers
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string());
+    }
+    let name = source.query.as_ref()?;
+    credential::query_param(query, name)
+}
+
+fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,221 @@
+//! Where the credential comes from (contract §3.2). Plain HTTP: the `Authorization` header
+//! only. WebSocket upgrades: the header, then a `bearer.<token>` subprotocol entry, then
+//! the `token` and `access_token` query parameters. A present `Authorization` header
+//! decides alone.
+
+use http::header::{HeaderMap, AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
+
+/// Tokens longer than this are refused before any parsing (16 KiB).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Where a token was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `Authorization: Bearer …`.
+    Header,
+    /// A `Sec-WebSocket-Protocol` entry `bearer.<token>`.
+    Subprotocol,
+    /// The `token` query parameter.
+    QueryToken,
+    /// The `access_token` query parameter.
+    QueryAccessToken,
+}
+
+/// What the request presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// Nothing.
+    None,
+    /// An `Authorization` header that is not exactly one Bearer token.
+    BadScheme,
+    /// A bearer token.
+    Bearer {
+        /// The token.
+        token: String,
+        /// Where it was found.
+        source: Source,
+    },
+}
+
+/// The credential of a plain HTTP request.
+pub fn from_http(headers: &HeaderMap) -> Credential {
+    authorization(headers).unwrap_or(Credential::None)
+}
+
+/// The credential of a WebSocket upgrade request; `query` is the raw query string.
+pub fn from_websocket(headers: &HeaderMap, query: Option<&str>) -> Credential {
+    if let Some(credential) = authorization(headers) {
+        return credential;
+    }
+    if let Some(token) = subprotocol_token(headers) {
+        return Credential::Bearer {
+            token,
+            source: Source::Subprotocol,
+        };
+    }
+    for (name, source) in [
+        ("token", Source::QueryToken),
+        ("access_token", Source::QueryAccessToken),
+    ] {
+        if let Some(token) = query_param(query, name).filter(|t| !t.is_empty()) {
+            return Credential::Bearer { token, source };
+        }
+    }
+    Credential::None
+}
+
+/// The `Authorization` header's credential, if the header is present at all.
+fn authorization(headers: &HeaderMap) -> Option<Credential> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return Some(Credential::BadScheme);
+    }
+    let Ok(text) = first.to_str() else {
+        return Some(Credential::BadScheme);
+    };
+    let mut parts = text.split_ascii_whitespace();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(scheme), Some(token), None) if scheme.eq_ignore_ascii_case("bearer") => {
+            Some(Credential::Bearer {
+                token: token.to_string(),
+                source: Source::Header,
+            })
+        }
+        _ => Some(Credential::BadScheme),
+    }
+}
+
+/// The token of a `bearer.<token>` entry in `Sec-WebSocket-Protocol`.
+pub fn subprotocol_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|entry| entry.strip_prefix("bearer.").filter(|t| !t.is_empty()))
+        .map(str::to_string)
+}
+
+/// The percent-decoded value of query parameter `name` (first occurrence).
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn bearer(token: &str, source: Source) -> Credential {
+        Credential::Bearer {
+            token: token.into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn http_reads_only_one_bearer_header() {
+        assert_eq!(from_http(&headers(&[])), Credential::None);
+        assert_eq!(
+            from_http(&headers(&[("authorization", "Bearer abc")])),
+            bearer("abc", Source::Header)
+        );
+        assert_eq!(
+            from_http(&headers(&[("authorization", "bEaReR   abc ")])),
+            bearer("abc", Source::Header)
+        );
+        for bad in [
+            "Basic dXNlcjpwdw==",
+            "Bearer",
+            "Bearer ",
+            "Bearer a b",
+            "abc",
+            "Token abc",
+        ] {
+            assert_eq!(
+                from_http(&headers(&[("authorization", bad)])),
+                Credential::BadScheme,
+                "{bad}"
+            );
+        }
+        let two = headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]);
+        assert_eq!(from_http(&two), Credential::BadScheme);
+    }
+
+    #[test]
+    fn websocket_sources_in_order() {
+        let query = Some("access_token=q2&token=q1");
+        let all = headers(&[
+            ("authorization", "Bearer h"),
+            ("sec-websocket-protocol", "orcheo-auth, bearer.s"),
+        ]);
+        assert_eq!(from_websocket(&all, query), bearer("h", Source::Header));
+        let sub = headers(&[("sec-websocket-protocol", "orcheo-auth, bearer.s")]);
+        assert_eq!(
+            from_websocket(&sub, query),
+            bearer("s", Source::Subprotocol)
+        );
+        assert_eq!(
+            from_websocket(&headers(&[]), query),
+            bearer("q1", Source::QueryToken)
+        );
+        assert_eq!(
+            from_websocket(&headers(&[]), Some("access_token=a%2Eb")),
+            bearer("a.b", Source::QueryAccessToken)
+        );
+        let bad = headers(&[
+            ("authorization", "Basic x"),
+            ("sec-websocket-protocol", "bearer.s"),
+        ]);
+        assert_eq!(
+            from_websocket(&bad, query),
+            Credential::BadScheme,
+            "a present header decides alone"
+        );
+        assert_eq!(
+            from_websocket(&headers(&[]), Some("token=")),
+            Credential::None
+        );
+    }
+}

@@ -1,0 +1,219 @@
+//! The SQLite token store: Orcheo's schema in one file, created on first start. SQLite
+//! calls block, so each runs on the blocking pool, never on a runtime worker.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::{BoxFuture, StoreError, TokenRecord, TokenStore};
+use crate::time::Timestamp;
+
+/// Orcheo's tables, created when missing; an existing Orcheo database is used as it is.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS service_tokens (
+    identifier TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    scopes TEXT,
+    workspace_ids TEXT,
+    created_at TEXT NOT NULL,
+    created_by TEXT,
+    issued_at TEXT,
+    expires_at TEXT,
+    last_used_at TEXT,
+    use_count INTEGER DEFAULT 0,
+    rotation_expires_at TEXT,
+    rotated_to TEXT,
+    rotated_from TEXT,
+    revoked_at TEXT,
+    revoked_by TEXT,
+    revocation_reason TEXT,
+    allowed_ip_ranges TEXT,
+    rate_limit_override TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_service_tokens_hash ON service_tokens(secret_hash);
+CREATE INDEX IF NOT EXISTS idx_service_tokens_expires ON service_tokens(expires_at);
+CREATE INDEX IF NOT EXISTS idx_service_tokens_active ON service_tokens(revoked_at) WHERE revoked_at IS NULL;
+CREATE TABLE IF NOT EXISTS service_token_audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    token_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    actor TEXT,
+    ip_address TEXT,
+    user_agent TEXT,
+    timestamp TEXT NOT NULL,
+    details TEXT,
+    FOREIGN KEY (token_id) REFERENCES service_tokens(identifier)
+);
+CREATE INDEX IF NOT EXISTS idx_audit_token ON service_token_audit_log(token_id);
+CREATE INDEX IF NOT EXISTS idx_audit_timestamp ON service_token_audit_log(timestamp);
+";
+
+/// Columns newer Orcheo releases add; added when missing.
+const ADDED_COLUMNS: [(&str, &str); 3] = [
+    ("name", "TEXT"),
+    ("secret_preview", "TEXT"),
+    ("workspace_id", "TEXT"),
+];
+
+/// How often the "any active token?" answer is refreshed from the file.
+const ACTIVE_REFRESH: Duration = Duration::from_secs(2);
+
+/// Service tokens in an SQLite file.
+pub struct SqliteStore {
+    path: PathBuf,
+    // A std mutex: SQLite work happens on the blocking pool, where holding it is fine;
+    // it is never held across an await.
+    connection: Arc<Mutex<Connection>>,
+    any_active: Arc<AtomicBool>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and its schema.
+    pub fn open(path: &Path) -> Result<Arc<Self>, String> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let connection =
+            Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        connection
+            .busy_timeout(Duration::from_secs(5))
+            .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
+            .and_then(|_| connection.execute_batch(SCHEMA))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        add_missing_columns(&connection).map_err(|e| format!("{}: {e}", path.display()))?;
+        let any_active = Arc::new(AtomicBool::new(count_active(&connection).unwrap_or(0) > 0));
+        let store = Arc::new(SqliteStore {
+            path: path.to_path_buf(),
+            connection: Arc::new(Mutex::new(connection)),
+            any_active,
+        });
+        store.watch_active();
+        Ok(store)
+    }
+
+    /// Keeps the "any active token?" flag current, also for tokens written by other
+    /// processes sharing the file.
+    fn watch_active(self: &Arc<Self>) {
+        let connection = Arc::downgrade(&self.connection);
+        let flag = self.any_active.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ACTIVE_REFRESH).await;
+                let Some(connection) = connection.upgrade() else {
+                    return;
+                };
+                let count = tokio::task::spawn_blocking(move || {
+                    let connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+                    count_active(&connection)
+                })
+                .await;
+                if let Ok(Ok(count)) = count {
+                    flag.store(count > 0, Ordering::Release);
+                }
+            }
+        });
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn add_missing_columns(connection: &Connection) -> rusqlite::Result<()> {
+    let mut statement =
+        connection.prepare("SELECT name FROM pragma_table_info('service_tokens')")?;
+    let existing: Vec<String> = statement
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (name, kind) in ADDED_COLUMNS {
+        if !existing.iter().any(|c| c == name) {
+            connection.execute_batch(&format!(
+                "ALTER TABLE service_tokens ADD COLUMN {name} {kind}"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+fn count_active(connection: &Connection) -> rusqlite::Result<i64> {
+    let now = Timestamp::now();
+    let mut statement = connection
+        .prepare_cached("SELECT expires_at FROM service_tokens WHERE revoked_at IS NULL")?;
+    let rows = statement.query_map([], |row| row.get::<_, Option<String>>(0))?;
+    let mut count = 0;
+    for expires in rows {
+        let active = match expires? {
+            None => true,
+            Some(text) => text
+                .parse::<Timestamp>()
+                .map(|at| at > now)
+                .unwrap_or(false),
+        };
+        count += i64::from(active);
+    }
+    Ok(count)
+}
+
+/// A JSON array column (Orcheo writes sorted arrays, or NULL when empty).
+fn json_list(text: Option<String>) -> Vec<String> {
+    text.and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok())
+        .unwrap_or_default()
+}
+
+fn timestamp(text: Option<String>) -> Option<Timestamp> {
+    text.and_then(|t| t.parse().ok())
+}
+
+fn lookup_blocking(connection: &Connection, hash: &str) -> rusqlite::Result<Option<TokenRecord>> {
+    connection
+        .prepare_cached(
+            "SELECT identifier, secret_hash, scopes, workspace_ids, issued_at, created_at, expires_at, revoked_at
+             FROM service_tokens WHERE secret_hash = ?1",
+        )?
+        .query_row([hash], |row| {
+            let issued: Option<String> = row.get(4)?;
+            let created: Option<String> = row.get(5)?;
+            Ok(TokenRecord {
+                identifier: row.get(0)?,
+                secret_hash: row.get(1)?,
+                scopes: json_list(row.get(2)?),
+                workspace_ids: json_list(row.get(3)?),
+                issued_at: timestamp(issued.or(created)).unwrap_or(Timestamp(0)),
+                expires_at: timestamp(row.get(6)?),
+                revoked_at: timestamp(row.get(7)?),
+            })
+        })
+        .optional()
+}
+
+impl TokenStore for SqliteStore {
+    fn lookup<'a>(
+        &'a self,
+        secret_hash: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>> {
+        let connection = self.connection.clone();
+        let hash = secret_hash.to_string();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+                lookup_blocking(&connection, &hash)
+            })
+            .await
+            .map_err(|e| StoreError(e.to_string()))?
+            .map_err(|e| StoreError(e.to_string()))
+        })
+    }
+
+    fn has_active(&self) -> bool {
+        self.any_active.load(Ordering::Acquire)
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
