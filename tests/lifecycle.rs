@@ -128,6 +128,10 @@ impl Process {
             .args(["serve", "-c"])
             .arg(config)
             .env_remove("ORCHEO_GATEWAY_CONFIG")
+            .env(
+                "ORCHEO_AUTH_SERVICE_TOKEN_DB_PATH",
+                config.with_extension("sqlite"),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
