@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Load benchmark: the same nginx upstream on 127.0.0.1, once directly and once through
-# the gateway, driven by wrk for a bounded time. Prints requests/s, p50/p99 latency and
-# the gateway/direct ratio. Only 127.0.0.1 is ever targeted; every process started here
-# is stopped by PID on exit.
+# Load benchmark: the same nginx upstream on 127.0.0.1, directly and through the gateway
+# (a public route, then a route needing a scope with an HS256 and with an RS256 JWT),
+# driven by wrk for a bounded time. Prints requests/s, p50/p99 latency and the ratio to
+# direct. Only 127.0.0.1 is ever targeted; every process started here is stopped by PID
+# on exit.
 #
 #   bash benches/proxy_load.sh            # 10 s per run
 #   DURATION=30s CONNECTIONS=128 bash benches/proxy_load.sh
@@ -27,6 +28,10 @@ if ! need wrk || ! need nginx; then
 fi
 
 cargo build --release --quiet
+# Test tokens (and the matching secret and JWKS) from the JWT benchmark binary.
+eval "$(cargo bench --quiet --bench jwt -- mint HS256 | sed -n 's/^TOKEN=/HS_TOKEN=/p; s/^SECRET=/SECRET=/p')"
+eval "$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^TOKEN=/RS_TOKEN=/p')"
+JWKS=$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^JWKS=//p')
 
 work=$(mktemp -d)
 pids=()
@@ -66,7 +71,11 @@ cat > "$work/gateway.yaml" <<CONF
 listen: {http: ["127.0.0.1:$GATEWAY_PORT"]}
 admin: {listen: "127.0.0.1:$ADMIN_PORT"}
 upstreams: {default: {url: "http://127.0.0.1:$UPSTREAM_PORT"}}
-routes: [{name: all, path: "/**"}]
+auth:
+  jwt: {secret: "$SECRET", jwks: '$JWKS'}
+routes:
+  - {name: public, path: "/public/**", public: true}
+  - {name: scoped, path: "/auth/**", scopes: [workflows:read]}
 log: {level: warn}
 CONF
 ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
@@ -78,9 +87,13 @@ for _ in $(seq 50); do
   sleep 0.2
 done
 
-# Runs wrk and prints "requests_per_second p50_ms p99_ms".
+# Runs wrk (with an optional Authorization header) and prints "requests/s p50_ms p99_ms".
 run() {
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$1" > "$work/wrk.out"
+  if [ -n "${2:-}" ]; then
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "Authorization: Bearer $2" "$1" > "$work/wrk.out"
+  else
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$1" > "$work/wrk.out"
+  fi
   awk '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /^Requests\/sec/ { rps=$2 }
@@ -90,14 +103,17 @@ run() {
 }
 
 # Short warm-up so pools and caches are filled before measuring.
-wrk -t1 -c8 -d2s "http://127.0.0.1:$GATEWAY_PORT/warm" >/dev/null
-
-read -r d_rps d_p50 d_p99 < <(run "http://127.0.0.1:$UPSTREAM_PORT/bench")
-read -r g_rps g_p50 g_p99 < <(run "http://127.0.0.1:$GATEWAY_PORT/bench")
+wrk -t1 -c8 -d2s "http://127.0.0.1:$GATEWAY_PORT/public/warm" >/dev/null
+test "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $RS_TOKEN" "http://127.0.0.1:$GATEWAY_PORT/auth/x")" = 200
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
 echo "load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, small JSON response from nginx"
-printf '%-10s %12s %10s %10s\n' "target" "requests/s" "p50 ms" "p99 ms"
-printf '%-10s %12s %10s %10s\n' "direct" "$d_rps" "$d_p50" "$d_p99"
-printf '%-10s %12s %10s %10s\n' "gateway" "$g_rps" "$g_p50" "$g_p99"
-awk -v g="$g_rps" -v d="$d_rps" 'BEGIN { printf "ratio gateway/direct: %.2f\n", g/d }'
+printf '%-22s %12s %10s %10s %8s\n' "target" "requests/s" "p50 ms" "p99 ms" "ratio"
+read -r d_rps d_p50 d_p99 < <(run "http://127.0.0.1:$UPSTREAM_PORT/bench")
+printf '%-22s %12s %10s %10s %8s\n' "direct" "$d_rps" "$d_p50" "$d_p99" "1.00"
+for case in "gateway, public route|/public/bench|" "gateway, HS256 JWT|/auth/bench|$HS_TOKEN" "gateway, RS256 JWT|/auth/bench|$RS_TOKEN"; do
+  IFS='|' read -r label path token <<<"$case"
+  read -r rps p50 p99 < <(run "http://127.0.0.1:$GATEWAY_PORT$path" "$token")
+  ratio=$(awk -v g="$rps" -v d="$d_rps" 'BEGIN { printf "%.2f", g/d }')
+  printf '%-22s %12s %10s %10s %8s\n' "$label" "$rps" "$p50" "$p99" "$ratio"
+done

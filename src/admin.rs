@@ -7,7 +7,6 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::{self, Body};
-use crate::config::AuthMode;
 use crate::error::GatewayError;
 use crate::state::Shared;
 
@@ -21,7 +20,7 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Bod
             let mode = shared.snapshot().auth.mode();
             json_response(
                 StatusCode::OK,
-                &json!({"status": "ok", "auth_mode": mode_name(mode.effective)}),
+                &json!({"status": "ok", "auth_mode": mode.effective.as_str()}),
             )
         }
         "/readyz" => readiness(shared),
@@ -69,7 +68,7 @@ fn readiness(shared: &Shared) -> Response<Body> {
     let mode = snapshot.auth.mode();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "auth_mode": mode_name(mode.effective),
+        "auth_mode": mode.effective.as_str(),
         "auth_enforced": mode.enforced,
         "auth_mode_reason": mode.reason,
         "routes": snapshot.routes.len(),
@@ -81,14 +80,6 @@ fn readiness(shared: &Shared) -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(status, &body)
-}
-
-fn mode_name(mode: AuthMode) -> &'static str {
-    match mode {
-        AuthMode::Disabled => "disabled",
-        AuthMode::Optional => "optional",
-        AuthMode::Required => "required",
-    }
 }
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

@@ -288,7 +288,7 @@ fn reload(shared: &Shared) -> Result<(), String> {
 fn log_mode(snapshot: &Snapshot, metrics: &Metrics) {
     let mode = snapshot.auth.mode();
     metrics.auth_enforced.set(i64::from(mode.enforced));
-    tracing::info!(mode = ?mode.effective, enforced = mode.enforced, reason = %mode.reason, "authentication mode");
+    tracing::info!(mode = mode.effective.as_str(), enforced = mode.enforced, reason = %mode.reason, "authentication mode");
 }
 
 /// The service-token store `auth.service_tokens.backend` names.

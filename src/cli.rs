@@ -1,9 +1,11 @@
-//! The command line: `serve` and `check-config`.
+//! The command line: `serve`, `check-config` and `demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod demo;
 
 use crate::app::Gateway;
 use crate::config::{self, Config, Env};
@@ -29,6 +31,13 @@ pub enum Command {
     /// Validate the configuration and environment exactly as `serve` would, and print
     /// the effective settings with secrets redacted. Exit 1 listing every problem.
     CheckConfig(ConfigArg),
+    /// A one-command tour: the gateway on 127.0.0.1:8080 in front of a built-in echo
+    /// upstream, with a fresh bootstrap token and HS256 secret, printing curl commands.
+    Demo {
+        /// Port of the gateway; the admin listener takes the next one.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
 }
 
 /// Where the configuration file is.
@@ -51,6 +60,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::CheckConfig(arg) => check_config(arg.config, &env),
         Command::Serve(arg) => serve(arg.config, env),
+        Command::Demo { port } => demo::run(port),
     }
 }
 

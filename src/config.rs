@@ -198,6 +198,17 @@ pub enum AuthMode {
     Required,
 }
 
+impl AuthMode {
+    /// The mode's name, as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Disabled => "disabled",
+            AuthMode::Optional => "optional",
+            AuthMode::Required => "required",
+        }
+    }
+}
+
 impl std::str::FromStr for AuthMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

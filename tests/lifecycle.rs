@@ -332,3 +332,84 @@ fn the_shipped_gateway_yaml_is_valid() {
         assert!(stdout.contains(route), "{route} missing:\n{stdout}");
     }
 }
+
+/// Two consecutive free ports (the demo's gateway and admin listeners).
+fn free_port_pair() -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two consecutive free ports");
+}
+
+#[tokio::test]
+async fn the_demo_prints_commands_that_work() {
+    let port = free_port_pair();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_orcheo-gateway"))
+        .args(["demo", "--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut tokens = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokens.len() < 3 && Instant::now() < deadline {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+            if let Some(rest) = line.split("Bearer ").nth(1) {
+                tokens.push(rest.split('\'').next().unwrap().to_string());
+            }
+        }
+    }
+    assert_eq!(tokens.len(), 3, "the demo printed its commands");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let call = |path: &'static str, token: Option<String>| async move {
+        let mut builder = http::Request::get(path).header("host", "demo");
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        collect(
+            send(
+                addr,
+                builder
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await,
+        )
+        .await
+    };
+    let (status, _, body) = call("/api/workflows", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json(&body)["code"], "auth.missing_token");
+    let (status, _, body) = call("/api/workflows", Some(tokens[0].clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["headers"]["x-orcheo-subject"], "demo-user");
+    let (status, _, _) = call("/api/workspaces/other/items", Some(tokens[1].clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, body) = call("/api/workspaces/any/items", Some(tokens[2].clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["headers"]["x-orcheo-auth-method"], "bootstrap");
+    assert_eq!(call("/public/hello", None).await.0, StatusCode::OK);
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+}

@@ -261,11 +261,13 @@ impl JwtVerifier {
 
     /// Verifies `token` at time `now` (UNIX seconds) and maps its claims to an identity.
     pub async fn verify(&self, token: &str, now: f64) -> Result<Arc<Identity>, AuthFailure> {
-        let parsed = parse(token, &self.settings.allowed).map_err(AuthFailure::token)?;
-        let leeway = self.settings.leeway;
+        // A cached token passed every check below under this same configuration (the
+        // cache lives and dies with it), so the lookup comes first.
         if let Some(identity) = self.cache.get(token, now, |kid| self.still_known(kid)) {
             return Ok(identity);
         }
+        let parsed = parse(token, &self.settings.allowed).map_err(AuthFailure::token)?;
+        let leeway = self.settings.leeway;
         self.verify_parsed(&parsed)
             .await
             .map_err(AuthFailure::token)?;
