@@ -87,6 +87,9 @@ pub struct Authenticator {
     jwt: JwtVerifier,
     store: Arc<dyn TokenStore>,
     metrics: Metrics,
+    /// `log.sensitive_debug`: debug lines carry the identity's claims and the token's
+    /// fingerprint (still never the token).
+    sensitive_debug: bool,
 }
 
 impl Authenticator {
@@ -135,6 +138,14 @@ impl Authenticator {
         } else {
             None
         };
+        if auth
+            .jwt
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.expose().len() < 32)
+        {
+            tracing::warn!("auth.jwt.secret is shorter than 32 bytes; HS256 secrets should be at least as long as the hash");
+        }
         Ok(Authenticator {
             configured: auth.mode,
             static_source,
@@ -142,6 +153,7 @@ impl Authenticator {
             jwt,
             store,
             metrics,
+            sensitive_debug: config.log.sensitive_debug,
         })
     }
 
@@ -283,7 +295,21 @@ impl Authenticator {
                     .auth_attempts
                     .with_label_values(&[method.as_str(), "success", "ok"])
                     .inc();
-                tracing::debug!(method = method.as_str(), token_id = %identity.token_id, subject = %identity.subject, "authenticated");
+                if self.sensitive_debug {
+                    tracing::debug!(
+                        method = method.as_str(),
+                        token_id = %identity.token_id,
+                        subject = %identity.subject,
+                        identity_type = identity.identity_type.as_str(),
+                        scopes = %identity.scopes_header(),
+                        workspaces = %identity.workspaces.header_value(),
+                        expires_at = identity.expires_at,
+                        token_fingerprint = %fingerprint(token),
+                        "authenticated"
+                    );
+                } else {
+                    tracing::debug!(method = method.as_str(), token_id = %identity.token_id, "authenticated");
+                }
             }
             Err(failure) => self.record_failure(method.as_str(), failure, client_ip, Some(token)),
         }
