@@ -81,8 +81,19 @@ CONF
 ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
 pids+=($!)
 
+# The same gateway with every limit on: the failure limit per IP (checked on each
+# request) and a route limit too high to trip (recorded on each request).
+LIMITED_PORT=$((GATEWAY_PORT + 10))
+sed -e "s/127.0.0.1:$GATEWAY_PORT/127.0.0.1:$LIMITED_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$((ADMIN_PORT + 10))/" \
+    -e 's|{name: public, path: "/public/\*\*", public: true}|{name: public, path: "/public/**", public: true, rate_limit: {per: ip, requests: 100000000, window: 1s}}|' \
+    -e '/^  jwt:/a\  rate_limit: {ip: 1000000, identity: 1000000, interval: 60}' \
+    "$work/gateway.yaml" > "$work/limited.yaml"
+ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/limited.yaml" >"$work/limited.log" 2>&1 &
+pids+=($!)
+
 for _ in $(seq 50); do
   if curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 \
+     && curl -sf "http://127.0.0.1:$((ADMIN_PORT + 10))/readyz" >/dev/null 2>&1 \
      && curl -sf "http://127.0.0.1:$UPSTREAM_PORT/" >/dev/null 2>&1; then break; fi
   sleep 0.2
 done
@@ -104,6 +115,7 @@ run() {
 
 # Short warm-up so pools and caches are filled before measuring.
 wrk -t1 -c8 -d2s "http://127.0.0.1:$GATEWAY_PORT/public/warm" >/dev/null
+wrk -t1 -c8 -d2s "http://127.0.0.1:$LIMITED_PORT/public/warm" >/dev/null
 test "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $RS_TOKEN" "http://127.0.0.1:$GATEWAY_PORT/auth/x")" = 200
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
@@ -111,9 +123,12 @@ echo "load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, small JSON response from 
 printf '%-22s %12s %10s %10s %8s\n' "target" "requests/s" "p50 ms" "p99 ms" "ratio"
 read -r d_rps d_p50 d_p99 < <(run "http://127.0.0.1:$UPSTREAM_PORT/bench")
 printf '%-22s %12s %10s %10s %8s\n' "direct" "$d_rps" "$d_p50" "$d_p99" "1.00"
-for case in "gateway, public route|/public/bench|" "gateway, HS256 JWT|/auth/bench|$HS_TOKEN" "gateway, RS256 JWT|/auth/bench|$RS_TOKEN"; do
-  IFS='|' read -r label path token <<<"$case"
-  read -r rps p50 p99 < <(run "http://127.0.0.1:$GATEWAY_PORT$path" "$token")
+for case in "gateway, public route|$GATEWAY_PORT/public/bench|" \
+            "gateway, HS256 JWT|$GATEWAY_PORT/auth/bench|$HS_TOKEN" \
+            "gateway, RS256 JWT|$GATEWAY_PORT/auth/bench|$RS_TOKEN" \
+            "limits on, public|$LIMITED_PORT/public/bench|"; do
+  IFS='|' read -r label target token <<<"$case"
+  read -r rps p50 p99 < <(run "http://127.0.0.1:$target" "$token")
   ratio=$(awk -v g="$rps" -v d="$d_rps" 'BEGIN { printf "%.2f", g/d }')
   printf '%-22s %12s %10s %10s %8s\n' "$label" "$rps" "$p50" "$p99" "$ratio"
 done

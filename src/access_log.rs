@@ -7,7 +7,7 @@ use std::time::Instant;
 use http::{HeaderValue, Method, Request, StatusCode};
 
 use crate::metrics::Metrics;
-use crate::server::ConnInfo;
+use std::net::IpAddr;
 
 /// Query parameters whose values never reach a log.
 const REDACTED_PARAMS: [&str; 2] = ["token", "access_token"];
@@ -41,13 +41,13 @@ pub struct AccessRecord {
 
 impl AccessRecord {
     /// Starts a record for `request`.
-    pub fn new<B>(request: &Request<B>, conn: &ConnInfo, request_id: &HeaderValue) -> Self {
+    pub fn new<B>(request: &Request<B>, client_ip: IpAddr, request_id: &HeaderValue) -> Self {
         AccessRecord {
             request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
             route: NO_ROUTE.to_string(),
             method: request.method().clone(),
             target: redact_target(request.uri().path(), request.uri().query()),
-            client_ip: conn.peer.ip().to_string(),
+            client_ip: client_ip.to_string(),
             upstream: None,
             auth_method: "none",
             token_id: None,

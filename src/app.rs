@@ -14,6 +14,7 @@ use crate::config::TokenBackend;
 use crate::config::{self, Config};
 use crate::files::FileStamp;
 use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
 use crate::server::tls::CertStore;
 use crate::server::{self, Listener, Role, ServerContext};
 use crate::state::{ConfigSource, Services, Shared, Snapshot};
@@ -117,12 +118,9 @@ impl Gateway {
         }
         log_mode(&snapshot, &metrics);
         let signer = AssertionSigner::generate().map_err(StartError::Config)?;
-        let shared = Arc::new(Shared::new(
-            snapshot,
-            services,
-            signer,
-            ConfigSource { path, env },
-        ));
+        let limiter = rate_limiter(&snapshot.config, &metrics)?;
+        let source = ConfigSource { path, env };
+        let shared = Arc::new(Shared::new(snapshot, services, signer, limiter, source));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain, drained) = mpsc::channel(1);
         let ctx = ServerContext {
@@ -291,6 +289,20 @@ fn log_mode(snapshot: &Snapshot, metrics: &Metrics) {
     tracing::info!(mode = mode.effective.as_str(), enforced = mode.enforced, reason = %mode.reason, "authentication mode");
 }
 
+/// The rate limiters, shared through Redis when `auth.rate_limit.redis_url` is set.
+fn rate_limiter(config: &Config, metrics: &Metrics) -> Result<RateLimiter, StartError> {
+    let redis = config.auth.rate_limit.redis_url.as_ref();
+    if let Some(url) = redis {
+        tracing::info!(redis = %url.redacted(), "rate limits shared through Redis");
+    }
+    RateLimiter::new(
+        config.limits.max_tracked_clients,
+        redis.map(|u| u.expose()),
+        metrics.clone(),
+    )
+    .map_err(StartError::Config)
+}
+
 /// The service-token store `auth.service_tokens.backend` names.
 fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
     match config.auth.service_tokens.backend {
@@ -309,39 +321,39 @@ fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
 
 /// Settings bound at start-up cannot change in place; say so instead of ignoring them.
 fn warn_restart_only(old: &Config, new: &Config) {
-    let sections = [
+    let json = |value: &dyn erased::Json| value.to_json();
+    let sections: [(&str, &dyn erased::Json, &dyn erased::Json); 6] = [
+        ("listen", &old.listen, &new.listen),
+        ("tls", &old.tls, &new.tls),
+        ("admin", &old.admin, &new.admin),
+        ("limits", &old.limits, &new.limits),
+        ("log", &old.log, &new.log),
         (
-            "listen",
-            serde_json::to_value(&old.listen).ok(),
-            serde_json::to_value(&new.listen).ok(),
-        ),
-        (
-            "tls",
-            serde_json::to_value(&old.tls).ok(),
-            serde_json::to_value(&new.tls).ok(),
-        ),
-        (
-            "admin",
-            serde_json::to_value(&old.admin).ok(),
-            serde_json::to_value(&new.admin).ok(),
-        ),
-        (
-            "limits",
-            serde_json::to_value(&old.limits).ok(),
-            serde_json::to_value(&new.limits).ok(),
-        ),
-        (
-            "log",
-            serde_json::to_value(&old.log).ok(),
-            serde_json::to_value(&new.log).ok(),
+            "auth.rate_limit.redis_url",
+            &old.auth.rate_limit.redis_url,
+            &new.auth.rate_limit.redis_url,
         ),
     ];
     for (name, before, after) in sections {
-        if before != after {
+        if json(before) != json(after) {
             tracing::warn!(
                 section = name,
                 "this section changed but only takes effect after a restart"
             );
+        }
+    }
+}
+
+/// Comparing configuration sections of different types through their JSON form.
+mod erased {
+    /// A section that can be compared as JSON.
+    pub trait Json {
+        fn to_json(&self) -> Option<serde_json::Value>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Option<serde_json::Value> {
+            serde_json::to_value(self).ok()
         }
     }
 }

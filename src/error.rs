@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::auth::failure::{AuthError, AuthFailure, RETRY_AFTER_UNAVAILABLE};
 use crate::body::{self, Body};
+use crate::ratelimit::{Kind, Limited};
 use crate::routing::PathError;
 
 /// An error answered by the gateway itself.
@@ -34,6 +35,9 @@ pub enum GatewayError {
     /// Authentication or authorization refused the request.
     #[error("{}", .0.error.code())]
     Auth(AuthFailure),
+    /// A rate limit refused the request.
+    #[error("rate limited ({})", .0.kind.as_str())]
+    RateLimited(Limited),
 }
 
 /// The JSON body of every gateway error: flat, and again under `detail` as Orcheo's
@@ -61,6 +65,11 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable(_) => "upstream.unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream.timeout",
             GatewayError::Auth(failure) => failure.error.code(),
+            GatewayError::RateLimited(limited) => match limited.kind {
+                Kind::Ip => "auth.rate_limited.ip",
+                Kind::Identity => "auth.rate_limited.identity",
+                Kind::Route => "rate_limited.route",
+            },
         }
     }
 
@@ -75,6 +84,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Auth(failure) => failure.error.status(),
+            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -88,14 +98,33 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable(_) => "Upstream service is unavailable".into(),
             GatewayError::UpstreamTimeout(_) => "Upstream service timed out".into(),
             GatewayError::Auth(failure) => failure.error.message().into(),
+            GatewayError::RateLimited(limited) => match limited.kind {
+                Kind::Ip => format!(
+                    "Too many authentication attempts from IP {}",
+                    limited.subject
+                )
+                .into(),
+                Kind::Identity => format!(
+                    "Too many authentication attempts for identity {}",
+                    limited.subject
+                )
+                .into(),
+                Kind::Route => "Too many requests".into(),
+            },
         }
     }
 
     /// The complete response: status, JSON body and headers.
     pub fn to_response(&self) -> Response<Body> {
         let mut response = json_error(self.status(), self.code(), &self.message());
-        if let GatewayError::Auth(failure) = self {
-            add_auth_headers(&mut response, failure);
+        match self {
+            GatewayError::Auth(failure) => add_auth_headers(&mut response, failure),
+            GatewayError::RateLimited(limited) => {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(limited.retry_after));
+            }
+            _ => {}
         }
         response
     }

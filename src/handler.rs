@@ -10,9 +10,10 @@ use hyper::body::Incoming;
 use crate::access_log::AccessRecord;
 use crate::auth::Decision;
 use crate::body::{self, Body};
+use crate::client_ip;
 use crate::error::GatewayError;
 use crate::proxy::headers::{self, Forwarding, X_REQUEST_ID};
-use crate::routing::NormalizedPath;
+use crate::routing::{NormalizedPath, RouteMatch};
 use crate::server::ConnInfo;
 use crate::state::{Shared, Snapshot};
 
@@ -25,29 +26,54 @@ pub async fn handle(
     let started = Instant::now();
     let snapshot = shared.snapshot();
     let request_id = headers::request_id(request.headers());
-    let mut record = AccessRecord::new(&request, conn, &request_id);
-    let mut response =
-        match pipeline(shared, &snapshot, conn, request, &request_id, &mut record).await {
-            Ok(response) => response,
-            Err(error) => {
-                record.error = Some(error.to_string());
-                error.to_response()
-            }
-        };
+    let client_ip = client_ip::resolve(
+        conn.peer.ip(),
+        request.headers(),
+        &snapshot.config.trusted_proxies,
+    );
+    let mut record = AccessRecord::new(&request, client_ip, &request_id);
+    let ctx = Context {
+        shared,
+        snapshot: &snapshot,
+        conn,
+        request_id: &request_id,
+        ip_key: client_ip::limit_key(client_ip),
+    };
+    let mut response = match pipeline(&ctx, request, &mut record).await {
+        Ok(response) => response,
+        Err(error) => {
+            record.error = Some(error.to_string());
+            error.to_response()
+        }
+    };
     response.headers_mut().insert(X_REQUEST_ID, request_id);
     record.finish(&shared.metrics, response.status(), started);
     response
 }
 
+/// What every step of one request may consult.
+struct Context<'a> {
+    shared: &'a Shared,
+    snapshot: &'a Snapshot,
+    conn: &'a ConnInfo,
+    request_id: &'a HeaderValue,
+    /// The client IP as rate limiters key it (IPv6: its /64).
+    ip_key: String,
+}
+
 async fn pipeline(
-    shared: &Shared,
-    snapshot: &Snapshot,
-    conn: &ConnInfo,
+    ctx: &Context<'_>,
     mut request: Request<Incoming>,
-    request_id: &HeaderValue,
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
+    let (shared, snapshot) = (ctx.shared, ctx.snapshot);
     check_head_size(&request, snapshot)?;
+    let limits = &snapshot.config.auth.rate_limit;
+    shared
+        .limiter
+        .check_ip(limits, &ctx.ip_key, &record.client_ip)
+        .await
+        .map_err(GatewayError::RateLimited)?;
     if request.uri().path() == ASSERTION_JWKS_PATH {
         return assertion_jwks(shared, snapshot);
     }
@@ -58,28 +84,71 @@ async fn pipeline(
         .ok_or(GatewayError::RouteNotFound)?;
     let route = matched.route;
     record.route = route.name.clone();
-    let decision = snapshot
-        .auth
-        .check(
-            &matched,
-            request.headers(),
-            request.uri().query(),
-            false,
-            &record.client_ip,
-        )
-        .await
-        .map_err(GatewayError::Auth)?;
-    record.identify(&decision.identity);
+    let decision = authenticate(ctx, &matched, &request, record).await?;
+    if let Some(limit) = &route.config.rate_limit {
+        let identity =
+            (!decision.identity.is_anonymous()).then_some(decision.identity.subject.as_str());
+        shared
+            .limiter
+            .check_route(&route.name, limit, &ctx.ip_key, identity, &record.client_ip)
+            .await
+            .map_err(GatewayError::RateLimited)?;
+    }
     let upstream = snapshot
         .upstreams
         .get(&route.config.upstream)
         .ok_or_else(|| GatewayError::UpstreamUnavailable("route names no known upstream".into()))?;
     record.upstream = Some(upstream.name().to_string());
     let uri = upstream.uri(&route.upstream_path(&path), request.uri().query())?;
-    prepare_headers(snapshot, conn, &mut request, request_id);
+    prepare_headers(snapshot, ctx.conn, &mut request, ctx.request_id);
     identify(shared, snapshot, &mut request, &decision, upstream.name())?;
     let timeout = route.config.timeout.map_or(upstream.timeout(), |t| t.get());
     upstream.send(request, uri, timeout, &shared.metrics).await
+}
+
+/// Authenticates and authorizes, under the per-identity limit: an identity with too many
+/// recent failures is refused (429) even when its credential would now pass or fail
+/// again; failures are counted against the client IP and the identity they name.
+async fn authenticate(
+    ctx: &Context<'_>,
+    matched: &RouteMatch<'_>,
+    request: &Request<Incoming>,
+    record: &mut AccessRecord,
+) -> Result<Decision, GatewayError> {
+    let (limiter, limits) = (&ctx.shared.limiter, &ctx.snapshot.config.auth.rate_limit);
+    let outcome = ctx
+        .snapshot
+        .auth
+        .check(
+            matched,
+            request.headers(),
+            request.uri().query(),
+            false,
+            &record.client_ip,
+        )
+        .await;
+    let identity = match &outcome {
+        Ok(decision) => {
+            (!decision.identity.is_anonymous()).then(|| decision.identity.subject.clone())
+        }
+        Err(failure) => failure.identity.clone(),
+    };
+    if let Some(identity) = &identity {
+        limiter
+            .check_identity(limits, identity, &record.client_ip)
+            .await
+            .map_err(GatewayError::RateLimited)?;
+    }
+    match outcome {
+        Ok(decision) => {
+            record.identify(&decision.identity);
+            Ok(decision)
+        }
+        Err(failure) => {
+            limiter.record_failure(limits, &failure, &ctx.ip_key).await;
+            Err(GatewayError::Auth(failure))
+        }
+    }
 }
 
 /// Where the gateway serves the public key of its identity assertions.

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub jwks_keys: IntGauge,
     /// `jwks_last_success_timestamp_seconds`.
     pub jwks_last_success: Gauge,
+    /// `rate_limited_total{kind}`.
+    pub rate_limited: IntCounterVec,
+    /// `ratelimit_redis_errors_total`: Redis calls that failed or timed out.
+    pub ratelimit_redis_errors: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -119,8 +123,23 @@ impl Metrics {
             "Time of the last successful remote JWKS fetch, UNIX seconds",
         )
         .expect("valid metric");
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests refused by a rate limit, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let ratelimit_redis_errors = prometheus::IntCounter::new(
+            "ratelimit_redis_errors_total",
+            "Redis rate-limit calls that failed or timed out (local windows decided)",
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(auth_attempts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rate_limited.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ratelimit_redis_errors.clone()),
+            Box::new(auth_attempts.clone()),
             Box::new(auth_enforced.clone()),
             Box::new(jwks_refresh.clone()),
             Box::new(jwks_keys.clone()),
@@ -158,6 +177,8 @@ impl Metrics {
             jwks_refresh,
             jwks_keys,
             jwks_last_success,
+            rate_limited,
+            ratelimit_redis_errors,
         }
     }
 

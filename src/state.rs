@@ -15,6 +15,7 @@ use crate::auth::Authenticator;
 use crate::config::{Cidr, Config, Env};
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamSet;
+use crate::ratelimit::RateLimiter;
 use crate::routing::RouteTable;
 use crate::store::TokenStore;
 
@@ -139,6 +140,8 @@ pub struct Shared {
     pub services: Services,
     /// Signs identity assertions; one key for the life of the process.
     pub signer: AssertionSigner,
+    /// Rate limiters; their windows outlive reloads.
+    pub limiter: RateLimiter,
     /// Where to reload the configuration from.
     pub source: ConfigSource,
     draining: AtomicBool,
@@ -151,9 +154,11 @@ impl Shared {
         snapshot: Snapshot,
         services: Services,
         signer: AssertionSigner,
+        limiter: RateLimiter,
         source: ConfigSource,
     ) -> Self {
         Shared {
+            limiter,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: services.metrics.clone(),
             services,

@@ -1,0 +1,201 @@
+//! The client's address (contract §6.4): the TCP peer (or the PROXY header's source, when
+//! that peer is trusted), unless that address is a trusted proxy — then the rightmost
+//! untrusted address of `X-Forwarded-For`, or of RFC 7239 `Forwarded` when there is no
+//! `X-Forwarded-For`. An untrusted client can never choose its own address.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use http::header::{HeaderMap, FORWARDED};
+
+use crate::config::Cidr;
+use crate::proxy::headers::X_FORWARDED_FOR;
+
+/// Hops of a forwarding header examined at most: a header with more is a forgery or a
+/// loop, and the walk stops at the limit.
+const MAX_HOPS: usize = 32;
+
+fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
+    proxies.iter().any(|net| net.contains(ip))
+}
+
+/// The client address of a request that arrived from `peer`.
+pub fn resolve(peer: IpAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpAddr {
+    if !trusted(peer, proxies) {
+        return peer;
+    }
+    let hops = forwarded_for(headers, &X_FORWARDED_FOR, parse_xff_entry)
+        .or_else(|| forwarded_for(headers, &FORWARDED, parse_forwarded_element))
+        .unwrap_or_default();
+    let mut client = peer;
+    // Walk from the nearest hop outwards; the first address not ours is the client.
+    for hop in hops.iter().rev().take(MAX_HOPS) {
+        match hop {
+            Some(ip) if trusted(*ip, proxies) => client = *ip,
+            Some(ip) => return *ip,
+            // An unreadable entry (`unknown`, an obfuscated name, garbage) ends the walk:
+            // nothing beyond it can be believed.
+            None => return client,
+        }
+    }
+    client
+}
+
+/// Every hop listed in all values of `name`, in order, or `None` without the header.
+fn forwarded_for(
+    headers: &HeaderMap,
+    name: &http::header::HeaderName,
+    parse: fn(&str) -> Option<IpAddr>,
+) -> Option<Vec<Option<IpAddr>>> {
+    let mut values = headers.get_all(name).iter().peekable();
+    values.peek()?;
+    let hops = values
+        .flat_map(|value| {
+            value
+                .to_str()
+                .unwrap_or("")
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .map(|entry| parse(entry.trim()))
+        .collect();
+    Some(hops)
+}
+
+fn parse_xff_entry(entry: &str) -> Option<IpAddr> {
+    parse_host(entry)
+}
+
+/// `for=` of one `Forwarded` element: `for=192.0.2.1`, `for="[2001:db8::1]:4711"`.
+fn parse_forwarded_element(element: &str) -> Option<IpAddr> {
+    element.split(';').find_map(|pair| {
+        let (name, value) = pair.trim().split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| parse_host(value.trim().trim_matches('"')))?
+    })
+}
+
+/// An address, possibly with a port: `192.0.2.1`, `192.0.2.1:80`, `2001:db8::1`,
+/// `[2001:db8::1]`, `[2001:db8::1]:80`.
+fn parse_host(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = text.strip_prefix('[') {
+        return rest
+            .split(']')
+            .next()?
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(IpAddr::V6);
+    }
+    let (host, port) = text.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    host.parse().ok()
+}
+
+/// The key a rate limiter uses for `ip`: the address itself for IPv4 (IPv4-mapped IPv6
+/// included), the /64 for IPv6, since one subscriber usually holds a whole /64.
+pub fn limit_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let network = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{network}/64")
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn proxies(list: &[&str]) -> Vec<Cidr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_sends() {
+        let h = headers(&[("x-forwarded-for", "1.1.1.1"), ("forwarded", "for=2.2.2.2")]);
+        assert_eq!(
+            resolve(ip("203.0.113.9"), &h, &proxies(&["10.0.0.0/8"])),
+            ip("203.0.113.9")
+        );
+        assert_eq!(resolve(ip("203.0.113.9"), &h, &[]), ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_hop_behind_trusted_proxies() {
+        let trusted = proxies(&["10.0.0.0/8", "192.0.2.1"]);
+        // The client forged "6.6.6.6"; the LB appended the real address it saw.
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.0.0.3")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("198.51.100.7"));
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ]);
+        assert_eq!(resolve(ip("192.0.2.1"), &h, &trusted), ip("198.51.100.7"));
+        // Everything trusted: the leftmost hop.
+        let h = headers(&[("x-forwarded-for", "10.1.1.1, 10.2.2.2")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("10.1.1.1"));
+        // No header: the trusted peer itself.
+        assert_eq!(
+            resolve(ip("10.0.0.2"), &headers(&[]), &trusted),
+            ip("10.0.0.2")
+        );
+        // Garbage ends the walk at the last trusted hop.
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, not-an-ip, 10.0.0.3")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.3"));
+        let h = headers(&[("x-forwarded-for", "[2001:db8::7]:443, 198.51.100.8:1234")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("198.51.100.8"));
+    }
+
+    #[test]
+    fn rfc7239_forwarded_when_there_is_no_xff() {
+        let trusted = proxies(&["10.0.0.0/8"]);
+        let h = headers(&[(
+            "forwarded",
+            r#"for=6.6.6.6, for="[2001:db8::1]:4711";proto=https, for=10.0.0.9"#,
+        )]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("2001:db8::1"));
+        let h = headers(&[("forwarded", "for=unknown, for=10.0.0.9")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.9"));
+    }
+
+    #[test]
+    fn ipv6_is_keyed_by_slash_64() {
+        assert_eq!(limit_key(ip("2001:db8:1:2:aaaa::1")), "2001:db8:1:2::/64");
+        assert_eq!(
+            limit_key(ip("2001:db8:1:2:bbbb::9")),
+            limit_key(ip("2001:db8:1:2::1"))
+        );
+        assert_ne!(
+            limit_key(ip("2001:db8:1:3::1")),
+            limit_key(ip("2001:db8:1:2::1"))
+        );
+        assert_eq!(limit_key(ip("::ffff:192.0.2.5")), "192.0.2.5");
+        assert_eq!(limit_key(ip("192.0.2.5")), "192.0.2.5");
+    }
+}
