@@ -13,6 +13,7 @@ use crate::body::{self, Body};
 use crate::client_ip;
 use crate::error::GatewayError;
 use crate::proxy::headers::{self, Forwarding, X_REQUEST_ID};
+use crate::proxy::websocket;
 use crate::routing::{NormalizedPath, RouteMatch};
 use crate::server::ConnInfo;
 use crate::state::{Shared, Snapshot};
@@ -84,7 +85,13 @@ async fn pipeline(
         .ok_or(GatewayError::RouteNotFound)?;
     let route = matched.route;
     record.route = route.name.clone();
-    let decision = authenticate(ctx, &matched, &request, record).await?;
+    let websocket = websocket::is_upgrade(&request);
+    if websocket && !route.config.websocket {
+        return Err(GatewayError::InvalidRequest(
+            "WebSocket upgrades are not accepted on this route".into(),
+        ));
+    }
+    let decision = authenticate(ctx, &matched, &request, websocket, record).await?;
     if let Some(limit) = &route.config.rate_limit {
         let identity =
             (!decision.identity.is_anonymous()).then_some(decision.identity.subject.as_str());
@@ -99,10 +106,28 @@ async fn pipeline(
         .get(&route.config.upstream)
         .ok_or_else(|| GatewayError::UpstreamUnavailable("route names no known upstream".into()))?;
     record.upstream = Some(upstream.name().to_string());
+    let timeout = route.config.timeout.map_or(upstream.timeout(), |t| t.get());
+    if websocket {
+        let query = websocket::strip_credential_params(request.uri().query());
+        let uri = upstream.ws_uri(&route.upstream_path(&path), query.as_deref())?;
+        prepare_headers(snapshot, ctx.conn, &mut request, ctx.request_id);
+        identify(shared, snapshot, &mut request, &decision, upstream.name())?;
+        let stream = upstream.connect().await?;
+        let limits = &snapshot.config.limits;
+        let settings = websocket::RelaySettings {
+            max_message: usize::try_from(limits.websocket_max_message.0).unwrap_or(usize::MAX),
+            idle_timeout: limits.websocket_idle_timeout.get(),
+            metrics: shared.metrics.clone(),
+            store: shared.services.store.clone(),
+            lifecycle: ctx.conn.lifecycle.clone(),
+        };
+        let credential =
+            websocket::Credential::new(decision.identity.clone(), decision.token.as_deref());
+        return websocket::proxy(request, uri, stream, timeout, credential, settings).await;
+    }
     let uri = upstream.uri(&route.upstream_path(&path), request.uri().query())?;
     prepare_headers(snapshot, ctx.conn, &mut request, ctx.request_id);
     identify(shared, snapshot, &mut request, &decision, upstream.name())?;
-    let timeout = route.config.timeout.map_or(upstream.timeout(), |t| t.get());
     upstream.send(request, uri, timeout, &shared.metrics).await
 }
 
@@ -113,6 +138,7 @@ async fn authenticate(
     ctx: &Context<'_>,
     matched: &RouteMatch<'_>,
     request: &Request<Incoming>,
+    websocket: bool,
     record: &mut AccessRecord,
 ) -> Result<Decision, GatewayError> {
     let (limiter, limits) = (&ctx.shared.limiter, &ctx.snapshot.config.auth.rate_limit);
@@ -123,7 +149,7 @@ async fn authenticate(
             matched,
             request.headers(),
             request.uri().query(),
-            false,
+            websocket,
             &record.client_ip,
         )
         .await;

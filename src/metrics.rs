@@ -47,6 +47,12 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// `ratelimit_redis_errors_total`: Redis calls that failed or timed out.
     pub ratelimit_redis_errors: prometheus::IntCounter,
+    /// `websocket_connections`: relayed WebSocket connections open now.
+    pub websocket_connections: IntGauge,
+    /// `websocket_messages_total{direction}`.
+    pub websocket_messages: IntCounterVec,
+    /// `websocket_closed_total{reason}`.
+    pub websocket_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -136,8 +142,32 @@ impl Metrics {
             "Redis rate-limit calls that failed or timed out (local windows decided)",
         )
         .expect("valid metric");
+        let websocket_connections = IntGauge::new(
+            "websocket_connections",
+            "Relayed WebSocket connections open now",
+        )
+        .expect("valid metric");
+        let websocket_messages = IntCounterVec::new(
+            Opts::new(
+                "websocket_messages_total",
+                "WebSocket messages relayed, by direction",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let websocket_closed = IntCounterVec::new(
+            Opts::new(
+                "websocket_closed_total",
+                "Relayed WebSocket connections ended, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(rate_limited.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(websocket_connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(websocket_messages.clone()),
+            Box::new(websocket_closed.clone()),
+            Box::new(rate_limited.clone()),
             Box::new(ratelimit_redis_errors.clone()),
             Box::new(auth_attempts.clone()),
             Box::new(auth_enforced.clone()),
@@ -179,6 +209,9 @@ impl Metrics {
             jwks_last_success,
             rate_limited,
             ratelimit_redis_errors,
+            websocket_connections,
+            websocket_messages,
+            websocket_closed,
         }
     }
 

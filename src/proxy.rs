@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 
 pub mod headers;
 mod tls_client;
+pub mod websocket;
 
 pub use tls_client::{config as tls_client_config, Roots};
 
@@ -42,7 +43,13 @@ pub struct UpstreamClient {
     authority: Authority,
     base_path: String,
     client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    tls: Arc<rustls::ClientConfig>,
 }
+
+/// A raw connection to an upstream, plain or TLS (for the WebSocket relay).
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 impl UpstreamClient {
     fn new(
@@ -65,8 +72,9 @@ impl UpstreamClient {
         http.set_connect_timeout(Some(settings.connect_timeout.get()));
         let tls = tls_client::config(roots, settings.ca_file.as_deref())
             .map_err(|e| format!("upstream `{name}`: {e}"))?;
+        let tls = Arc::new(tls);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config((*tls).clone())
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -81,7 +89,65 @@ impl UpstreamClient {
             authority,
             base_path,
             client,
+            tls,
         })
+    }
+
+    /// The `ws://` or `wss://` URL of a WebSocket path on this upstream.
+    pub fn ws_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
+        let scheme = if self.scheme == Scheme::HTTPS {
+            "wss"
+        } else {
+            "ws"
+        };
+        let target = match query {
+            Some(q) => format!("{scheme}://{}{}{path}?{q}", self.authority, self.base_path),
+            None => format!("{scheme}://{}{}{path}", self.authority, self.base_path),
+        };
+        target
+            .parse()
+            .map_err(|_| GatewayError::InvalidRequest("Request target is not valid".into()))
+    }
+
+    /// Opens a raw connection (TCP, then TLS for `https://` upstreams) within the
+    /// connect timeout.
+    pub async fn connect(&self) -> Result<Box<dyn Io>, GatewayError> {
+        let host = self
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let tls = self.scheme == Scheme::HTTPS;
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if tls { 443 } else { 80 });
+        let limit = self.settings.connect_timeout.get();
+        let unavailable =
+            |e: String| GatewayError::UpstreamUnavailable(format!("upstream `{}`: {e}", self.name));
+        let tcp =
+            tokio::time::timeout(limit, tokio::net::TcpStream::connect((host.as_str(), port)))
+                .await
+                .map_err(|_| unavailable("connect timed out".into()))?
+                .map_err(|e| unavailable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        if !tls {
+            return Ok(Box::new(tcp));
+        }
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| unavailable(e.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let stream = tokio::time::timeout(limit, connector.connect(name, tcp))
+            .await
+            .map_err(|_| unavailable("TLS handshake timed out".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        Ok(Box::new(stream))
+    }
+
+    /// The connect timeout, for callers that add their own handshake.
+    pub fn settings(&self) -> &config::Upstream {
+        &self.settings
     }
 
     /// The upstream's name.

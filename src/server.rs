@@ -53,6 +53,16 @@ impl Role {
     }
 }
 
+/// What long-lived work started by a request (a WebSocket relay) needs in order to end
+/// with the gateway: the shutdown signal, and a drain guard that shutdown waits for.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// Becomes `true` when the gateway shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Held while the work runs.
+    pub drain: mpsc::Sender<()>,
+}
+
 /// Facts about the connection a request arrived on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -63,6 +73,8 @@ pub struct ConnInfo {
     pub socket_peer: SocketAddr,
     /// Whether the client connected over TLS.
     pub tls: bool,
+    /// Shutdown signal and drain guard, for work that outlives the request.
+    pub lifecycle: Lifecycle,
 }
 
 /// A bound listener, ready to accept.
@@ -197,6 +209,10 @@ async fn connection(
         peer,
         socket_peer,
         tls: listener.tls.is_some(),
+        lifecycle: Lifecycle {
+            shutdown: ctx.shutdown.clone(),
+            drain: ctx.drain.clone(),
+        },
     };
     let Some(acceptor) = &listener.tls else {
         return serve(stream, info, listener.role, ctx).await;

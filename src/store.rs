@@ -61,13 +61,30 @@ pub trait TokenStore: Send + Sync {
 
     /// A name for logs and readiness.
     fn backend(&self) -> &'static str;
+
+    /// Notifications that tokens changed (revoked, rotated, expiry moved), so holders of
+    /// long-lived connections can re-check their token.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()>;
 }
 
+/// Room for change notifications not yet seen by a slow subscriber; a subscriber that
+/// falls further behind is told it lagged and re-checks anyway.
+const CHANGE_BACKLOG: usize = 16;
+
 /// Tokens in memory, for tests and `demo`.
-#[derive(Default)]
 pub struct MemoryStore {
     // A std RwLock: held only for map operations, never across an await.
     tokens: RwLock<HashMap<String, TokenRecord>>,
+    changes: tokio::sync::broadcast::Sender<()>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            tokens: RwLock::default(),
+            changes: tokio::sync::broadcast::channel(CHANGE_BACKLOG).0,
+        }
+    }
 }
 
 impl MemoryStore {
@@ -76,10 +93,13 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
-    /// Adds or replaces a token.
+    /// Adds or replaces a token, and tells subscribers.
     pub fn put(&self, record: TokenRecord) {
-        let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
-        tokens.insert(record.secret_hash.clone(), record);
+        {
+            let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+            tokens.insert(record.secret_hash.clone(), record);
+        }
+        let _ = self.changes.send(());
     }
 }
 
@@ -108,6 +128,10 @@ impl TokenStore for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
+        self.changes.subscribe()
     }
 }
 

@@ -158,8 +158,12 @@ async fn serve_echo(listener: TcpListener) {
     }
 }
 
-/// Answers with JSON of the method, path, query and headers received.
-async fn echo(request: Request<Incoming>) -> Response<Body> {
+/// Answers with JSON of the method, path, query and headers received; on `/ws/echo`,
+/// accepts a WebSocket and echoes every message.
+async fn echo(mut request: Request<Incoming>) -> Response<Body> {
+    if crate::proxy::websocket::is_upgrade(&request) && request.uri().path() == "/ws/echo" {
+        return echo_websocket(&mut request);
+    }
     let (parts, incoming) = request.into_parts();
     let size = incoming
         .collect()
@@ -188,5 +192,52 @@ async fn echo(request: Request<Incoming>) -> Response<Body> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+fn echo_websocket(request: &mut Request<Incoming>) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let key = request
+        .headers()
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes().to_vec());
+    let Some(key) = key else {
+        let mut response = Response::new(body::full("missing Sec-WebSocket-Key"));
+        *response.status_mut() = http::StatusCode::BAD_REQUEST;
+        return response;
+    };
+    let on_upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = socket.next().await {
+            if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(value) = http::HeaderValue::from_str(&accept) {
+        headers.insert(http::header::SEC_WEBSOCKET_ACCEPT, value);
+    }
     response
 }

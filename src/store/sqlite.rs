@@ -58,8 +58,9 @@ const ADDED_COLUMNS: [(&str, &str); 3] = [
     ("workspace_id", "TEXT"),
 ];
 
-/// How often the "any active token?" answer is refreshed from the file.
-const ACTIVE_REFRESH: Duration = Duration::from_secs(2);
+/// How often the file is checked for changes: revocations by another process reach open
+/// WebSocket connections within this time.
+const ACTIVE_REFRESH: Duration = Duration::from_millis(500);
 
 /// Service tokens in an SQLite file.
 pub struct SqliteStore {
@@ -68,6 +69,7 @@ pub struct SqliteStore {
     // it is never held across an await.
     connection: Arc<Mutex<Connection>>,
     any_active: Arc<AtomicBool>,
+    changes: tokio::sync::broadcast::Sender<()>,
 }
 
 impl SqliteStore {
@@ -90,29 +92,39 @@ impl SqliteStore {
             path: path.to_path_buf(),
             connection: Arc::new(Mutex::new(connection)),
             any_active,
+            changes: tokio::sync::broadcast::channel(16).0,
         });
         store.watch_active();
         Ok(store)
     }
 
-    /// Keeps the "any active token?" flag current, also for tokens written by other
-    /// processes sharing the file.
+    /// Watches the file for changes, also by other processes sharing it (SQLite's
+    /// `data_version` moves whenever another connection commits): keeps the "any active
+    /// token?" flag current and tells subscribers.
     fn watch_active(self: &Arc<Self>) {
         let connection = Arc::downgrade(&self.connection);
         let flag = self.any_active.clone();
+        let changes = self.changes.clone();
         tokio::spawn(async move {
+            let mut version = None;
             loop {
                 tokio::time::sleep(ACTIVE_REFRESH).await;
                 let Some(connection) = connection.upgrade() else {
                     return;
                 };
-                let count = tokio::task::spawn_blocking(move || {
+                let state = tokio::task::spawn_blocking(move || {
                     let connection = connection.lock().unwrap_or_else(|e| e.into_inner());
-                    count_active(&connection)
+                    let version: i64 =
+                        connection.query_row("PRAGMA data_version", [], |row| row.get(0))?;
+                    Ok::<_, rusqlite::Error>((version, count_active(&connection)?))
                 })
                 .await;
-                if let Ok(Ok(count)) = count {
+                if let Ok(Ok((now, count))) = state {
                     flag.store(count > 0, Ordering::Release);
+                    if version.is_some_and(|before| before != now) {
+                        let _ = changes.send(());
+                    }
+                    version = Some(now);
                 }
             }
         });
@@ -215,5 +227,9 @@ impl TokenStore for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
+        self.changes.subscribe()
     }
 }
