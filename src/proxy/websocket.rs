@@ -124,8 +124,19 @@ pub struct RelaySettings {
     pub lifecycle: Lifecycle,
 }
 
+/// Buffer sizes of each relayed socket. The library's default of 128 KiB per read
+/// buffer would cost an idle connection a quarter of a megabyte (two sockets); buffers
+/// start small and grow only for the messages that need it.
+const READ_BUFFER: usize = 4 * 1024;
+
 fn ws_config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        // Every relayed message is flushed as it is sent; nothing waits to batch.
+        .write_buffer_size(0)
+        // At most one whole message waits to be written: the bound on what a slow reader
+        // can make the gateway hold.
+        .max_write_buffer_size(max_message.saturating_add(READ_BUFFER))
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
 }
