@@ -101,15 +101,9 @@ fn serve(flag: Option<PathBuf>, env: Env) -> ExitCode {
         Err(code) => return code,
     };
     crate::logging::init(config.log.level, config.log.format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let code = runtime.block_on(async move {
         let gateway = match Gateway::start(config, path, env).await {
@@ -129,6 +123,17 @@ fn serve(flag: Option<PathBuf>, env: Env) -> ExitCode {
     // In-flight tasks that outlived the grace period are cut here, not awaited.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     code
+}
+
+/// The multi-threaded runtime the commands run on.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("cannot start the runtime: {error}");
+            ExitCode::from(1)
+        })
 }
 
 /// Reloads on SIGHUP; returns on SIGTERM or SIGINT.

@@ -146,22 +146,8 @@ impl RateLimiter {
         ip_key: &str,
         client_ip: &str,
     ) -> Result<(), Limited> {
-        if limits.ip == 0 {
-            return Ok(());
-        }
-        match self
-            .run(
-                Kind::Ip,
-                ip_key,
-                limits.ip,
-                limits.interval.get(),
-                Mode::Check,
-            )
+        self.check(Kind::Ip, limits.ip, limits, ip_key, client_ip, client_ip)
             .await
-        {
-            Some(wait) => Err(self.refuse(Kind::Ip, client_ip, wait, client_ip)),
-            None => Ok(()),
-        }
     }
 
     /// Refuses an identity with too many recent failures.
@@ -171,20 +157,36 @@ impl RateLimiter {
         identity: &str,
         client_ip: &str,
     ) -> Result<(), Limited> {
-        if limits.identity == 0 {
+        self.check(
+            Kind::Identity,
+            limits.identity,
+            limits,
+            identity,
+            identity,
+            client_ip,
+        )
+        .await
+    }
+
+    /// Whether `key` has `limit` failures in the window (a `limit` of 0 is off);
+    /// `subject` is what the refusal names.
+    async fn check(
+        &self,
+        kind: Kind,
+        limit: u32,
+        limits: &AuthRateLimit,
+        key: &str,
+        subject: &str,
+        client_ip: &str,
+    ) -> Result<(), Limited> {
+        if limit == 0 {
             return Ok(());
         }
         match self
-            .run(
-                Kind::Identity,
-                identity,
-                limits.identity,
-                limits.interval.get(),
-                Mode::Check,
-            )
+            .run(kind, key, limit, limits.interval.get(), Mode::Check)
             .await
         {
-            Some(wait) => Err(self.refuse(Kind::Identity, identity, wait, client_ip)),
+            Some(wait) => Err(self.refuse(kind, subject, wait, client_ip)),
             None => Ok(()),
         }
     }

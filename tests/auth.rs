@@ -6,11 +6,9 @@ mod common;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use common::jwt::*;
 use common::*;
-use http::{HeaderMap, Request, StatusCode};
-use http_body_util::Full;
+use http::{HeaderMap, StatusCode};
 use jsonwebtoken::Algorithm;
 use orcheo_gateway::store::{hash_secret, MemoryStore, TokenRecord};
 use orcheo_gateway::time::Timestamp;
@@ -39,21 +37,6 @@ async fn gateway_with(auth: &str, store: Arc<MemoryStore>) -> (TestGateway, Upst
     let config =
         orcheo_gateway::config::load(&text, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
     (start_with(config, None, store).await, up)
-}
-
-async fn call(
-    addr: std::net::SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, HeaderMap, Value) {
-    let mut builder = Request::get(path).header("host", "gw");
-    for (k, v) in headers {
-        builder = builder.header(*k, *v);
-    }
-    let (status, headers, body) =
-        collect(send(addr, builder.body(Full::new(Bytes::new())).unwrap()).await).await;
-    let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    (status, headers, value)
 }
 
 fn bearer(token: &str) -> String {

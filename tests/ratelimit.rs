@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use http_body_util::Full;
 use jsonwebtoken::Algorithm;
 use orcheo_gateway::store::{hash_secret, MemoryStore, TokenRecord};
 use orcheo_gateway::time::Timestamp;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn redis_url(db: u8) -> String {
     let base =
@@ -44,24 +43,6 @@ async fn start_text(text: &str, store: Arc<MemoryStore>) -> TestGateway {
     let config =
         orcheo_gateway::config::load(text, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
     start_with(config, None, store).await
-}
-
-async fn call(
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (StatusCode, HeaderMap, Value) {
-    let mut builder = Request::get(path).header("host", "gw");
-    for (k, v) in headers {
-        builder = builder.header(*k, *v);
-    }
-    let (status, headers, body) =
-        collect(send(addr, builder.body(Full::new(Bytes::new())).unwrap()).await).await;
-    (
-        status,
-        headers,
-        serde_json::from_slice(&body).unwrap_or(Value::Null),
-    )
 }
 
 fn jwt(sub: &str) -> String {

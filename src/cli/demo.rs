@@ -27,15 +27,9 @@ pub fn run(port: u16) -> ExitCode {
         eprintln!("error: --port must leave room for the admin port (port + 1)");
         return ExitCode::from(2);
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let code = runtime.block_on(demo(port, admin_port));
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));

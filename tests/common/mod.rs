@@ -203,6 +203,26 @@ pub async fn get(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, Bytes)
     collect(send(addr, request).await).await
 }
 
+/// GET `path` with `headers`; returns status, headers and the body as JSON (`null` when
+/// it is not JSON).
+pub async fn call(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, serde_json::Value) {
+    let mut builder = Request::get(path).header("host", "gw");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let (status, headers, body) =
+        collect(send(addr, builder.body(Full::new(Bytes::new())).unwrap()).await).await;
+    (
+        status,
+        headers,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// Reads a whole response.
 pub async fn collect(response: Response<Incoming>) -> (StatusCode, HeaderMap, Bytes) {
     let (parts, body) = response.into_parts();
