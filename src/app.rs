@@ -309,12 +309,15 @@ fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
         TokenBackend::Memory => Ok(Arc::new(MemoryStore::new())),
         TokenBackend::Sqlite => {
             let path = &config.auth.service_tokens.sqlite_path;
-            let store = SqliteStore::open(path).map_err(|e| StartError::Config(format!("auth.service_tokens.sqlite_path: {e}")))?;
+            let store = SqliteStore::open(path)
+                .map_err(|e| StartError::Config(format!("auth.service_tokens.sqlite_path: {e}")))?;
             tracing::info!(path = %path.display(), "service tokens in SQLite");
             Ok(store)
         }
+        // Refused by validation already; kept so that the match stays exhaustive.
         TokenBackend::Postgres => Err(StartError::Config(
-            "auth.service_tokens.backend: the postgres store is not available in this version; use sqlite or memory".into(),
+            "auth.service_tokens.backend: the postgres store is not available in this version"
+                .into(),
         )),
     }
 }

@@ -145,11 +145,6 @@ impl UpstreamClient {
         Ok(Box::new(stream))
     }
 
-    /// The connect timeout, for callers that add their own handshake.
-    pub fn settings(&self) -> &config::Upstream {
-        &self.settings
-    }
-
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.name
