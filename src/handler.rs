@@ -110,25 +110,38 @@ async fn pipeline(
     if websocket {
         let query = websocket::strip_credential_params(request.uri().query());
         let uri = upstream.ws_uri(&route.upstream_path(&path), query.as_deref())?;
-        prepare_headers(snapshot, ctx.conn, &mut request, ctx.request_id);
-        identify(shared, snapshot, &mut request, &decision, upstream.name())?;
-        let stream = upstream.connect().await?;
-        let limits = &snapshot.config.limits;
-        let settings = websocket::RelaySettings {
-            max_message: usize::try_from(limits.websocket_max_message.0).unwrap_or(usize::MAX),
-            idle_timeout: limits.websocket_idle_timeout.get(),
-            metrics: shared.metrics.clone(),
-            store: shared.services.store.clone(),
-            lifecycle: ctx.conn.lifecycle.clone(),
-        };
-        let credential =
-            websocket::Credential::new(decision.identity.clone(), decision.token.as_deref());
-        return websocket::proxy(request, uri, stream, timeout, credential, settings).await;
+        return forward_websocket(ctx, request, uri, upstream, &decision, timeout).await;
     }
     let uri = upstream.uri(&route.upstream_path(&path), request.uri().query())?;
     prepare_headers(snapshot, ctx.conn, &mut request, ctx.request_id);
     identify(shared, snapshot, &mut request, &decision, upstream.name())?;
     upstream.send(request, uri, timeout, &shared.metrics).await
+}
+
+/// Opens the upstream WebSocket and hands the connection to the relay.
+async fn forward_websocket(
+    ctx: &Context<'_>,
+    mut request: Request<Incoming>,
+    uri: http::Uri,
+    upstream: &crate::proxy::UpstreamClient,
+    decision: &Decision,
+    timeout: std::time::Duration,
+) -> Result<Response<Body>, GatewayError> {
+    let (shared, snapshot) = (ctx.shared, ctx.snapshot);
+    prepare_headers(snapshot, ctx.conn, &mut request, ctx.request_id);
+    identify(shared, snapshot, &mut request, decision, upstream.name())?;
+    let stream = upstream.connect().await?;
+    let limits = &snapshot.config.limits;
+    let settings = websocket::RelaySettings {
+        max_message: usize::try_from(limits.websocket_max_message.0).unwrap_or(usize::MAX),
+        idle_timeout: limits.websocket_idle_timeout.get(),
+        metrics: shared.metrics.clone(),
+        store: shared.services.store.clone(),
+        lifecycle: ctx.conn.lifecycle.clone(),
+    };
+    let credential =
+        websocket::Credential::new(decision.identity.clone(), decision.token.as_deref());
+    websocket::proxy(request, uri, stream, timeout, credential, settings).await
 }
 
 /// Authenticates and authorizes, under the per-identity limit: an identity with too many
