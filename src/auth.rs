@@ -265,6 +265,44 @@ impl Authenticator {
         })
     }
 
+    /// Authenticates a request that always needs a Bearer credential in its
+    /// `Authorization` header, whatever the mode (the token admin API), and checks `scopes`.
+    pub async fn check_bearer(
+        &self,
+        headers: &HeaderMap,
+        scopes: &[String],
+        client_ip: &str,
+    ) -> Result<Decision, AuthFailure> {
+        let token = match credential::from_http(headers) {
+            Credential::Bearer { token, .. } => token,
+            other => {
+                let error = if other == Credential::None {
+                    AuthError::MissingToken
+                } else {
+                    AuthError::InvalidScheme
+                };
+                let failure = AuthFailure::bare(error);
+                self.record_failure("none", &failure, client_ip, None);
+                return Err(failure);
+            }
+        };
+        let identity = self.authenticate(&token, client_ip).await?;
+        crate::authz::authorize(&identity, scopes, None).map_err(|error| {
+            let failure = AuthFailure {
+                error,
+                identity: Some(identity.subject.clone()),
+                token_presented: true,
+            };
+            self.record_failure(identity.method.as_str(), &failure, client_ip, Some(&token));
+            failure
+        })?;
+        Ok(Decision {
+            identity,
+            token: Some(token),
+            skipped: false,
+        })
+    }
+
     /// What a token is, in the contract's order: bootstrap, service token, JWT.
     pub async fn authenticate(
         &self,

@@ -38,6 +38,21 @@ pub enum GatewayError {
     /// A rate limit refused the request.
     #[error("rate limited ({})", .0.kind.as_str())]
     RateLimited(Limited),
+    /// A well-formed request whose content is refused (422).
+    #[error("unprocessable request: {0}")]
+    Unprocessable(String),
+    /// No service token with this id.
+    #[error("service token {0} not found")]
+    TokenNotFound(String),
+    /// A service token with this id exists already.
+    #[error("service token {0} exists already")]
+    TokenConflict(String),
+    /// A revoked service token cannot be rotated.
+    #[error("service token {0} is revoked")]
+    TokenRevoked(String),
+    /// The token store cannot be reached (admin API).
+    #[error("service token store unavailable")]
+    StoreUnavailable,
 }
 
 /// The JSON body of every gateway error: flat, and again under `detail` as Orcheo's
@@ -65,6 +80,11 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable(_) => "upstream.unavailable",
             GatewayError::UpstreamTimeout(_) => "upstream.timeout",
             GatewayError::Auth(failure) => failure.error.code(),
+            GatewayError::Unprocessable(_) => "request.invalid",
+            GatewayError::TokenNotFound(_) => "token.not_found",
+            GatewayError::TokenConflict(_) => "token.conflict",
+            GatewayError::TokenRevoked(_) => "token.revoked",
+            GatewayError::StoreUnavailable => "auth.backend_unavailable",
             GatewayError::RateLimited(limited) => match limited.kind {
                 Kind::Ip => "auth.rate_limited.ip",
                 Kind::Identity => "auth.rate_limited.identity",
@@ -85,6 +105,10 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Auth(failure) => failure.error.status(),
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::TokenNotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::TokenConflict(_) | GatewayError::TokenRevoked(_) => StatusCode::CONFLICT,
+            GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -98,6 +122,15 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable(_) => "Upstream service is unavailable".into(),
             GatewayError::UpstreamTimeout(_) => "Upstream service timed out".into(),
             GatewayError::Auth(failure) => failure.error.message().into(),
+            GatewayError::Unprocessable(message) => message.as_str().into(),
+            GatewayError::TokenNotFound(id) => format!("Service token '{id}' not found").into(),
+            GatewayError::TokenConflict(id) => {
+                format!("Service token '{id}' already exists").into()
+            }
+            GatewayError::TokenRevoked(id) => {
+                format!("Service token '{id}' has been revoked and cannot be rotated").into()
+            }
+            GatewayError::StoreUnavailable => "Service token store is unavailable".into(),
             GatewayError::RateLimited(limited) => match limited.kind {
                 Kind::Ip => format!(
                     "Too many authentication attempts from IP {}",
@@ -123,6 +156,11 @@ impl GatewayError {
                 response
                     .headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from(limited.retry_after));
+            }
+            GatewayError::StoreUnavailable => {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_UNAVAILABLE));
             }
             _ => {}
         }

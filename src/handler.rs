@@ -17,6 +17,7 @@ use crate::proxy::websocket;
 use crate::routing::{NormalizedPath, RouteMatch};
 use crate::server::ConnInfo;
 use crate::state::{Shared, Snapshot};
+use crate::tokens_api;
 
 /// Answers one request on a proxy listener. Never fails: every error becomes its response.
 pub async fn handle(
@@ -79,6 +80,9 @@ async fn pipeline(
         return assertion_jwks(shared, snapshot);
     }
     let path = NormalizedPath::parse(request.uri().path())?;
+    if tokens_api::is_api(&path) {
+        return admin_api(ctx, request, &path, record).await;
+    }
     let matched = snapshot
         .routes
         .find(request.method(), &path)
@@ -118,6 +122,25 @@ async fn pipeline(
     upstream.send(request, uri, timeout, &shared.metrics).await
 }
 
+/// The token admin API: always authenticated (in every mode), scoped by method.
+async fn admin_api(
+    ctx: &Context<'_>,
+    request: Request<Incoming>,
+    path: &NormalizedPath,
+    record: &mut AccessRecord,
+) -> Result<Response<Body>, GatewayError> {
+    record.route = "admin-api".into();
+    let scope = [tokens_api::scope_for(request.method()).to_string()];
+    let outcome = ctx
+        .snapshot
+        .auth
+        .check_bearer(request.headers(), &scope, &record.client_ip)
+        .await;
+    let decision = guard(ctx, outcome, record).await?;
+    let store = ctx.shared.services.store.as_ref();
+    tokens_api::handle(store, path, request, &decision.identity, &record.client_ip).await
+}
+
 /// Opens the upstream WebSocket and hands the connection to the relay.
 async fn forward_websocket(
     ctx: &Context<'_>,
@@ -154,7 +177,6 @@ async fn authenticate(
     websocket: bool,
     record: &mut AccessRecord,
 ) -> Result<Decision, GatewayError> {
-    let (limiter, limits) = (&ctx.shared.limiter, &ctx.snapshot.config.auth.rate_limit);
     let outcome = ctx
         .snapshot
         .auth
@@ -166,6 +188,16 @@ async fn authenticate(
             &record.client_ip,
         )
         .await;
+    guard(ctx, outcome, record).await
+}
+
+/// Puts an authentication outcome under the per-identity limit and counts a failure.
+async fn guard(
+    ctx: &Context<'_>,
+    outcome: Result<Decision, crate::auth::failure::AuthFailure>,
+    record: &mut AccessRecord,
+) -> Result<Decision, GatewayError> {
+    let (limiter, limits) = (&ctx.shared.limiter, &ctx.snapshot.config.auth.rate_limit);
     let identity = match &outcome {
         Ok(decision) => {
             (!decision.identity.is_anonymous()).then(|| decision.identity.subject.clone())

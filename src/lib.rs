@@ -41,6 +41,8 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod time;
+pub mod tokens;
+pub mod tokens_api;
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -17,7 +17,7 @@ pub use sqlite::SqliteStore;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A stored service token (Orcheo's `service_tokens` row).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TokenRecord {
     /// The token id.
     pub identifier: String,
@@ -33,6 +33,63 @@ pub struct TokenRecord {
     pub expires_at: Option<Timestamp>,
     /// When it was revoked, if it was.
     pub revoked_at: Option<Timestamp>,
+    /// Why it was revoked.
+    pub revocation_reason: Option<String>,
+    /// A human-readable label (not unique).
+    pub name: Option<String>,
+    /// The secret's last four characters, kept at creation.
+    pub secret_preview: Option<String>,
+    /// When it was last used.
+    pub last_used_at: Option<Timestamp>,
+    /// How often it was used.
+    pub use_count: i64,
+    /// End of the overlap of a rotation that replaced it.
+    pub rotation_expires_at: Option<Timestamp>,
+    /// The token that replaced it.
+    pub rotated_to: Option<String>,
+    /// The token it replaced.
+    pub rotated_from: Option<String>,
+}
+
+/// One row of the audit trail (`service_token_audit_log`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuditEvent {
+    /// The token.
+    pub token_id: String,
+    /// `created`, `rotated` or `revoked`.
+    pub action: String,
+    /// The caller's token id.
+    pub actor: Option<String>,
+    /// The caller's IP.
+    pub ip_address: Option<String>,
+    /// The caller's user agent.
+    pub user_agent: Option<String>,
+    /// When.
+    pub timestamp: Timestamp,
+    /// Details, e.g. `{"reason": …}`.
+    pub details: Option<serde_json::Value>,
+}
+
+/// One atomic change to the store: a new token, a changed one, and their audit rows.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    /// A token to add; its id must be free.
+    pub insert: Option<TokenRecord>,
+    /// A token to overwrite (found by id).
+    pub update: Option<TokenRecord>,
+    /// Audit rows to append.
+    pub audit: Vec<AuditEvent>,
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The id of the token to insert is taken.
+    #[error("service token id `{0}` is taken")]
+    Conflict(String),
+    /// The store could not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl TokenRecord {
@@ -65,6 +122,24 @@ pub trait TokenStore: Send + Sync {
     /// Notifications that tokens changed (revoked, rotated, expiry moved), so holders of
     /// long-lived connections can re-check their token.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()>;
+
+    /// The token with id `identifier`.
+    fn get<'a>(
+        &'a self,
+        identifier: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>>;
+
+    /// Every token, newest first.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<TokenRecord>, StoreError>>;
+
+    /// Applies `change` atomically, then notifies subscribers.
+    fn write(&self, change: Change) -> BoxFuture<'_, Result<(), WriteError>>;
+
+    /// The audit trail of a token, newest first.
+    fn audit<'a>(
+        &'a self,
+        identifier: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AuditEvent>, StoreError>>;
 }
 
 /// Room for change notifications not yet seen by a slow subscriber; a subscriber that
@@ -75,6 +150,7 @@ const CHANGE_BACKLOG: usize = 16;
 pub struct MemoryStore {
     // A std RwLock: held only for map operations, never across an await.
     tokens: RwLock<HashMap<String, TokenRecord>>,
+    audit: RwLock<Vec<AuditEvent>>,
     changes: tokio::sync::broadcast::Sender<()>,
 }
 
@@ -82,6 +158,7 @@ impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore {
             tokens: RwLock::default(),
+            audit: RwLock::default(),
             changes: tokio::sync::broadcast::channel(CHANGE_BACKLOG).0,
         }
     }
@@ -132,6 +209,77 @@ impl TokenStore for MemoryStore {
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
         self.changes.subscribe()
+    }
+
+    fn get<'a>(
+        &'a self,
+        identifier: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>> {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        let found = tokens
+            .values()
+            .find(|t| t.identifier == identifier)
+            .cloned();
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<TokenRecord>, StoreError>> {
+        let mut all: Vec<TokenRecord> = self
+            .tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| {
+            b.issued_at
+                .cmp(&a.issued_at)
+                .then_with(|| a.identifier.cmp(&b.identifier))
+        });
+        Box::pin(async move { Ok(all) })
+    }
+
+    fn write(&self, change: Change) -> BoxFuture<'_, Result<(), WriteError>> {
+        let result = (|| {
+            let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(new) = &change.insert {
+                if tokens.values().any(|t| t.identifier == new.identifier) {
+                    return Err(WriteError::Conflict(new.identifier.clone()));
+                }
+            }
+            if let Some(changed) = change.update {
+                tokens.retain(|_, t| t.identifier != changed.identifier);
+                tokens.insert(changed.secret_hash.clone(), changed);
+            }
+            if let Some(new) = change.insert {
+                tokens.insert(new.secret_hash.clone(), new);
+            }
+            self.audit
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(change.audit);
+            Ok(())
+        })();
+        if result.is_ok() {
+            let _ = self.changes.send(());
+        }
+        Box::pin(async move { result })
+    }
+
+    fn audit<'a>(
+        &'a self,
+        identifier: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AuditEvent>, StoreError>> {
+        let events: Vec<AuditEvent> = self
+            .audit
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .filter(|e| e.token_id == identifier)
+            .cloned()
+            .collect();
+        Box::pin(async move { Ok(events) })
     }
 }
 

@@ -9,7 +9,7 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// A point in time, as whole seconds since the UNIX epoch (UTC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
@@ -147,6 +147,15 @@ impl fmt::Display for Timestamp {
             secs % 3600 / 60,
             secs % 60
         )
+    }
+}
+
+impl Timestamp {
+    /// ISO 8601 with a `+00:00` offset, as Orcheo's Python backend writes timestamps into
+    /// its database (Orcheo compares them as strings, so the form must match).
+    pub fn to_offset_string(self) -> String {
+        let text = self.to_string();
+        format!("{}+00:00", text.trim_end_matches('Z'))
     }
 }
 

@@ -92,6 +92,7 @@ fn service_token(
         issued_at: Timestamp::now(),
         expires_at: None,
         revoked_at: None,
+        ..Default::default()
     });
 }
 
@@ -433,6 +434,7 @@ fn record(id: &str, secret: &str) -> TokenRecord {
         issued_at: Timestamp::now(),
         expires_at: None,
         revoked_at: None,
+        ..Default::default()
     }
 }
 

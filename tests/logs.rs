@@ -70,6 +70,7 @@ async fn no_token_ever_reaches_the_logs() {
         issued_at: Timestamp::now(),
         expires_at: None,
         revoked_at: Some(Timestamp::now()),
+        ..Default::default()
     });
     let up = echo_upstream().await;
     let text = yaml(

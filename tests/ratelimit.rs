@@ -145,6 +145,7 @@ fn expired_token(store: &MemoryStore) {
         issued_at: Timestamp::now(),
         expires_at: Some(Timestamp(Timestamp::now().0 - 1)),
         revoked_at: None,
+        ..Default::default()
     });
 }
 

@@ -438,6 +438,7 @@ async fn a_revoked_service_token_closes_its_connection() {
         issued_at: Timestamp::now(),
         expires_at: None,
         revoked_at: None,
+        ..Default::default()
     };
     store.put(record.clone());
     let (upstream, _) = ws_upstream().await;

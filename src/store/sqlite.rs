@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::{BoxFuture, StoreError, TokenRecord, TokenStore};
+use super::{AuditEvent, BoxFuture, Change, StoreError, TokenRecord, TokenStore, WriteError};
 use crate::time::Timestamp;
 
 /// Orcheo's tables, created when missing; an existing Orcheo database is used as it is.
@@ -181,26 +181,176 @@ fn timestamp(text: Option<String>) -> Option<Timestamp> {
     text.and_then(|t| t.parse().ok())
 }
 
+/// Every column the gateway reads, in the order [`row_to_record`] expects.
+const COLUMNS: &str =
+    "identifier, secret_hash, scopes, workspace_ids, issued_at, created_at, expires_at, \
+     revoked_at, revocation_reason, name, secret_preview, last_used_at, use_count, \
+     rotation_expires_at, rotated_to, rotated_from";
+
+fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let issued: Option<String> = row.get(4)?;
+    let created: Option<String> = row.get(5)?;
+    Ok(TokenRecord {
+        identifier: row.get(0)?,
+        secret_hash: row.get(1)?,
+        scopes: json_list(row.get(2)?),
+        workspace_ids: json_list(row.get(3)?),
+        issued_at: timestamp(issued.or(created)).unwrap_or(Timestamp(0)),
+        expires_at: timestamp(row.get(6)?),
+        revoked_at: timestamp(row.get(7)?),
+        revocation_reason: row.get(8)?,
+        name: row.get(9)?,
+        secret_preview: row.get(10)?,
+        last_used_at: timestamp(row.get(11)?),
+        use_count: row.get::<_, Option<i64>>(12)?.unwrap_or(0),
+        rotation_expires_at: timestamp(row.get(13)?),
+        rotated_to: row.get(14)?,
+        rotated_from: row.get(15)?,
+    })
+}
+
 fn lookup_blocking(connection: &Connection, hash: &str) -> rusqlite::Result<Option<TokenRecord>> {
     connection
-        .prepare_cached(
-            "SELECT identifier, secret_hash, scopes, workspace_ids, issued_at, created_at, expires_at, revoked_at
-             FROM service_tokens WHERE secret_hash = ?1",
-        )?
-        .query_row([hash], |row| {
-            let issued: Option<String> = row.get(4)?;
-            let created: Option<String> = row.get(5)?;
-            Ok(TokenRecord {
-                identifier: row.get(0)?,
-                secret_hash: row.get(1)?,
-                scopes: json_list(row.get(2)?),
-                workspace_ids: json_list(row.get(3)?),
-                issued_at: timestamp(issued.or(created)).unwrap_or(Timestamp(0)),
-                expires_at: timestamp(row.get(6)?),
-                revoked_at: timestamp(row.get(7)?),
-            })
-        })
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM service_tokens WHERE secret_hash = ?1"
+        ))?
+        .query_row([hash], row_to_record)
         .optional()
+}
+
+/// A JSON array column as Orcheo writes it: sorted, NULL when empty.
+fn json_column(items: &[String]) -> Option<String> {
+    let mut sorted = items.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    (!sorted.is_empty()).then(|| serde_json::to_string(&sorted).unwrap_or_default())
+}
+
+fn time_column(at: Option<Timestamp>) -> Option<String> {
+    at.map(Timestamp::to_offset_string)
+}
+
+fn insert_blocking(connection: &Connection, record: &TokenRecord) -> rusqlite::Result<()> {
+    connection.execute(
+        "INSERT INTO service_tokens (identifier, secret_hash, scopes, workspace_ids, created_at, issued_at, \
+         expires_at, revoked_at, revocation_reason, name, secret_preview, last_used_at, use_count, \
+         rotation_expires_at, rotated_to, rotated_from) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        rusqlite::params![
+            record.identifier,
+            record.secret_hash,
+            json_column(&record.scopes),
+            json_column(&record.workspace_ids),
+            record.issued_at.to_offset_string(),
+            time_column(record.expires_at),
+            time_column(record.revoked_at),
+            record.revocation_reason,
+            record.name,
+            record.secret_preview,
+            time_column(record.last_used_at),
+            record.use_count,
+            time_column(record.rotation_expires_at),
+            record.rotated_to,
+            record.rotated_from,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Overwrites what the lifecycle can change: expiry, revocation, rotation links.
+fn update_blocking(connection: &Connection, record: &TokenRecord) -> rusqlite::Result<()> {
+    connection.execute(
+        "UPDATE service_tokens SET expires_at = ?2, revoked_at = ?3, revocation_reason = ?4, \
+         rotation_expires_at = ?5, rotated_to = ?6 WHERE identifier = ?1",
+        rusqlite::params![
+            record.identifier,
+            time_column(record.expires_at),
+            time_column(record.revoked_at),
+            record.revocation_reason,
+            time_column(record.rotation_expires_at),
+            record.rotated_to,
+        ],
+    )?;
+    Ok(())
+}
+
+fn audit_blocking(connection: &Connection, event: &AuditEvent) -> rusqlite::Result<()> {
+    connection.execute(
+        "INSERT INTO service_token_audit_log (token_id, action, actor, ip_address, user_agent, timestamp, details) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        rusqlite::params![
+            event.token_id,
+            event.action,
+            event.actor,
+            event.ip_address,
+            event.user_agent,
+            event.timestamp.to_offset_string(),
+            event.details.as_ref().map(|d| d.to_string()),
+        ],
+    )?;
+    Ok(())
+}
+
+fn write_blocking(connection: &mut Connection, change: &Change) -> Result<(), WriteError> {
+    let store = |e: rusqlite::Error| WriteError::Store(StoreError(e.to_string()));
+    let transaction = connection.transaction().map_err(store)?;
+    if let Some(new) = &change.insert {
+        let taken: bool = transaction
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM service_tokens WHERE identifier = ?1)",
+                [&new.identifier],
+                |r| r.get(0),
+            )
+            .map_err(store)?;
+        if taken {
+            return Err(WriteError::Conflict(new.identifier.clone()));
+        }
+        insert_blocking(&transaction, new).map_err(store)?;
+    }
+    if let Some(changed) = &change.update {
+        update_blocking(&transaction, changed).map_err(store)?;
+    }
+    for event in &change.audit {
+        audit_blocking(&transaction, event).map_err(store)?;
+    }
+    transaction.commit().map_err(store)
+}
+
+fn audit_rows(connection: &Connection, identifier: &str) -> rusqlite::Result<Vec<AuditEvent>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT token_id, action, actor, ip_address, user_agent, timestamp, details \
+         FROM service_token_audit_log WHERE token_id = ?1 ORDER BY timestamp DESC, id DESC",
+    )?;
+    let rows = statement.query_map([identifier], |row| {
+        let details: Option<String> = row.get(6)?;
+        Ok(AuditEvent {
+            token_id: row.get(0)?,
+            action: row.get(1)?,
+            actor: row.get(2)?,
+            ip_address: row.get(3)?,
+            user_agent: row.get(4)?,
+            timestamp: timestamp(row.get(5)?).unwrap_or(Timestamp(0)),
+            details: details.and_then(|d| serde_json::from_str(&d).ok()),
+        })
+    })?;
+    rows.collect()
+}
+
+impl SqliteStore {
+    /// Runs `work` on the blocking pool with the connection.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+            work(&mut connection)
+        })
+        .await
+        .map_err(|e| StoreError(e.to_string()))?
+    }
 }
 
 impl TokenStore for SqliteStore {
@@ -231,5 +381,65 @@ impl TokenStore for SqliteStore {
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
         self.changes.subscribe()
+    }
+
+    fn get<'a>(
+        &'a self,
+        identifier: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>> {
+        let identifier = identifier.to_string();
+        Box::pin(self.blocking(move |connection| {
+            connection
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM service_tokens WHERE identifier = ?1"
+                ))
+                .and_then(|mut s| s.query_row([identifier], row_to_record).optional())
+                .map_err(|e| StoreError(e.to_string()))
+        }))
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<TokenRecord>, StoreError>> {
+        Box::pin(self.blocking(|connection| {
+            let query = format!(
+                "SELECT {COLUMNS} FROM service_tokens ORDER BY created_at DESC, identifier"
+            );
+            let mut statement = connection
+                .prepare_cached(&query)
+                .map_err(|e| StoreError(e.to_string()))?;
+            let rows = statement
+                .query_map([], row_to_record)
+                .map_err(|e| StoreError(e.to_string()))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(|e| StoreError(e.to_string()))
+        }))
+    }
+
+    fn write(&self, change: Change) -> BoxFuture<'_, Result<(), WriteError>> {
+        Box::pin(async move {
+            let connection = self.connection.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
+                write_blocking(&mut connection, &change)?;
+                Ok::<i64, WriteError>(count_active(&connection).unwrap_or(0))
+            })
+            .await
+            .map_err(|e| WriteError::Store(StoreError(e.to_string())))?;
+            let active = result?;
+            // The flag and the subscribers learn of this write now: this connection's own
+            // commits do not move its `data_version`.
+            self.any_active.store(active > 0, Ordering::Release);
+            let _ = self.changes.send(());
+            Ok(())
+        })
+    }
+
+    fn audit<'a>(
+        &'a self,
+        identifier: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<AuditEvent>, StoreError>> {
+        let identifier = identifier.to_string();
+        Box::pin(self.blocking(move |connection| {
+            audit_rows(connection, &identifier).map_err(|e| StoreError(e.to_string()))
+        }))
     }
 }

@@ -1,0 +1,419 @@
+//! The service-token admin API end to end, on the memory and the SQLite store: the full
+//! lifecycle with Orcheo's shapes and messages, scopes, errors, the audit trail,
+//! persistence across a restart, and rows written the way Orcheo writes them.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::Full;
+use orcheo_gateway::app::Gateway;
+use orcheo_gateway::store::{MemoryStore, SqliteStore, TokenStore};
+use serde_json::{json, Value};
+
+const BOOT: &str = "Bearer boot-admin-secret";
+
+async fn start_store(store: Arc<dyn TokenStore>) -> (Gateway, Upstream) {
+    let up = echo_upstream().await;
+    let text = yaml(
+        &up.url(),
+        "routes: [{name: all, path: '/**'}]\nauth:\n  bootstrap: {token: boot-admin-secret}\n  service_tokens: {backend: memory}\n",
+    );
+    let config = orcheo_gateway::config::load(&text, &Default::default()).unwrap();
+    (
+        Gateway::start_with_store(config, None, Default::default(), store)
+            .await
+            .unwrap(),
+        up,
+    )
+}
+
+async fn api(
+    gw: &Gateway,
+    method: Method,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, HeaderMap, Value) {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "gw")
+        .header("user-agent", "tokens-test/1");
+    if let Some(auth) = auth {
+        builder = builder.header("authorization", auth);
+    }
+    let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let (status, headers, body) = collect(
+        send(
+            gw.addresses.http[0],
+            builder.body(Full::new(bytes)).unwrap(),
+        )
+        .await,
+    )
+    .await;
+    (
+        status,
+        headers,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+const BASE: &str = "/api/admin/service-tokens";
+
+async fn lifecycle(store: Arc<dyn TokenStore>) {
+    let (gw, _up) = start_store(store).await;
+    let http = gw.addresses.http[0];
+    // Authentication and scopes come first.
+    let (status, _, body) = api(&gw, Method::GET, BASE, None, None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("auth.missing_token"))
+    );
+
+    let create = json!({"identifier": "ci", "name": "CI", "scopes": ["workflows:read", "admin:tokens:read"], "workspace_ids": ["WS-B", "ws-a"], "expires_in_seconds": 3600});
+    let (status, _, created) = api(&gw, Method::POST, BASE, Some(BOOT), Some(create.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let secret = created["secret"].as_str().unwrap().to_string();
+    assert_eq!(secret.len(), 43);
+    assert_eq!(created["identifier"], "ci");
+    assert_eq!(created["name"], "CI");
+    assert_eq!(
+        created["scopes"],
+        json!(["admin:tokens:read", "workflows:read"])
+    );
+    assert_eq!(created["workspace_ids"], json!(["WS-B", "ws-a"]));
+    assert_eq!(created["secret_preview"], &secret[39..]);
+    assert_eq!(created["status"], "active");
+    assert_eq!(
+        created["message"],
+        "Store this token securely. It will not be shown again."
+    );
+    assert!(created["issued_at"].as_str().unwrap().ends_with('Z'));
+    assert!(created["expires_at"].as_str().unwrap().ends_with('Z'));
+    let ci = format!("Bearer {secret}");
+
+    // The new token works, through the proxy and on the API within its scopes.
+    let (status, _, echo) = call(http, "/x", &[("authorization", &ci)]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(echo["headers"]["x-orcheo-token-id"][0], "ci");
+    assert_eq!(
+        api(&gw, Method::GET, BASE, Some(&ci), None).await.0,
+        StatusCode::OK
+    );
+    let (status, _, body) = api(&gw, Method::POST, BASE, Some(&ci), Some(json!({}))).await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (
+            StatusCode::FORBIDDEN,
+            Some("Missing required scopes: admin:tokens:write")
+        )
+    );
+
+    // Conflicts and bad bodies.
+    let (status, _, body) = api(&gw, Method::POST, BASE, Some(BOOT), Some(create)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("token.conflict"))
+    );
+    let (status, _, body) = api(
+        &gw,
+        Method::POST,
+        BASE,
+        Some(BOOT),
+        Some(json!({"expires_in_seconds": 30})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("request.invalid"))
+    );
+    let (status, _, _) = api(
+        &gw,
+        Method::POST,
+        BASE,
+        Some(BOOT),
+        Some(json!({"scopes": "not-a-list"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _, auto) = api(&gw, Method::POST, BASE, Some(BOOT), Some(json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let auto_id = auto["identifier"].as_str().unwrap().to_string();
+    assert_eq!(
+        auto_id.len(),
+        8,
+        "default id: the first 8 hex characters of the hash"
+    );
+
+    // Show and list.
+    let (status, _, shown) = api(&gw, Method::GET, &format!("{BASE}/ci"), Some(BOOT), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown["secret"], Value::Null);
+    assert_eq!(shown["use_count"], 0);
+    let (status, _, body) = api(&gw, Method::GET, &format!("{BASE}/nope"), Some(BOOT), None).await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (
+            StatusCode::NOT_FOUND,
+            Some("Service token 'nope' not found")
+        )
+    );
+    let (_, _, listed) = api(&gw, Method::GET, BASE, Some(BOOT), None).await;
+    assert_eq!(listed["total"], 2);
+
+    // Rotation with overlap 0 ends the old token at once.
+    let (status, _, rotated) = api(
+        &gw,
+        Method::POST,
+        &format!("{BASE}/ci/rotate"),
+        Some(BOOT),
+        Some(json!({"overlap_seconds": 0, "identifier": "ci-2"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    assert_eq!(
+        rotated["message"],
+        "New token created. Old token 'ci' valid for 0s."
+    );
+    assert_eq!(rotated["rotated_from"], "ci");
+    assert_eq!(
+        rotated["scopes"],
+        json!(["admin:tokens:read", "workflows:read"])
+    );
+    let ci2 = format!("Bearer {}", rotated["secret"].as_str().unwrap());
+    let (status, _, body) = call(http, "/x", &[("authorization", &ci)]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("auth.token_expired"))
+    );
+    assert_eq!(
+        call(http, "/x", &[("authorization", &ci2)]).await.0,
+        StatusCode::OK
+    );
+    let (_, _, old) = api(&gw, Method::GET, &format!("{BASE}/ci"), Some(BOOT), None).await;
+    assert_eq!(
+        (old["status"].as_str(), old["rotated_to"].as_str()),
+        (Some("expired"), Some("ci-2"))
+    );
+    // With the default overlap, the old token keeps working meanwhile.
+    let (_, _, rotated) = api(
+        &gw,
+        Method::POST,
+        &format!("{BASE}/ci-2/rotate"),
+        Some(BOOT),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(
+        rotated["message"],
+        "New token created. Old token 'ci-2' valid for 300s."
+    );
+    assert_eq!(
+        call(http, "/x", &[("authorization", &ci2)]).await.0,
+        StatusCode::OK
+    );
+    let (_, _, listed) = api(
+        &gw,
+        Method::GET,
+        &format!("{BASE}?status=rotating"),
+        Some(BOOT),
+        None,
+    )
+    .await;
+    assert_eq!(listed["tokens"][0]["identifier"], "ci-2");
+    assert_eq!(listed["total"], 1);
+    assert_eq!(
+        api(
+            &gw,
+            Method::GET,
+            &format!("{BASE}?status=bogus"),
+            Some(BOOT),
+            None
+        )
+        .await
+        .0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+
+    // Revocation.
+    let (status, _, _) = api(
+        &gw,
+        Method::DELETE,
+        &format!("{BASE}/{auto_id}"),
+        Some(BOOT),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a reason is required"
+    );
+    let (status, _, body) = api(
+        &gw,
+        Method::DELETE,
+        &format!("{BASE}/{auto_id}"),
+        Some(BOOT),
+        Some(json!({"reason": "leaked in a log"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let auto_secret = format!("Bearer {}", auto["secret"].as_str().unwrap());
+    let (status, _, body) = call(http, "/x", &[("authorization", &auto_secret)]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("auth.token_revoked"))
+    );
+    let (status, _, body) = api(
+        &gw,
+        Method::POST,
+        &format!("{BASE}/{auto_id}/rotate"),
+        Some(BOOT),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("token.revoked"))
+    );
+    let (_, _, revoked) = api(
+        &gw,
+        Method::GET,
+        &format!("{BASE}/{auto_id}"),
+        Some(BOOT),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (
+            revoked["status"].as_str(),
+            revoked["revocation_reason"].as_str()
+        ),
+        (Some("revoked"), Some("leaked in a log"))
+    );
+
+    // The audit trail, newest first, with who, from where, with what.
+    let (status, _, trail) = api(
+        &gw,
+        Method::GET,
+        &format!("{BASE}/{auto_id}/audit"),
+        Some(BOOT),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let events = trail["events"].as_array().unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["revoked", "created"]
+    );
+    assert_eq!(events[0]["details"], json!({"reason": "leaked in a log"}));
+    assert_eq!(events[0]["actor"], "bootstrap");
+    assert_eq!(events[0]["ip_address"], "127.0.0.1");
+    assert_eq!(events[0]["user_agent"], "tokens-test/1");
+    let (_, _, trail) = api(
+        &gw,
+        Method::GET,
+        &format!("{BASE}/ci/audit"),
+        Some(BOOT),
+        None,
+    )
+    .await;
+    let actions: Vec<&str> = trail["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, vec!["rotated", "created"]);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_lifecycle_on_the_memory_store() {
+    lifecycle(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn the_lifecycle_on_the_sqlite_store() {
+    let dir = temp_dir("tokens-sqlite");
+    lifecycle(SqliteStore::open(&dir.join("tokens.sqlite")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn sqlite_tokens_survive_a_restart() {
+    let dir = temp_dir("tokens-restart");
+    let path = dir.join("tokens.sqlite");
+    let (gw, _up) = start_store(SqliteStore::open(&path).unwrap()).await;
+    let (_, _, created) = api(
+        &gw,
+        Method::POST,
+        BASE,
+        Some(BOOT),
+        Some(json!({"identifier": "keeper"})),
+    )
+    .await;
+    let secret = format!("Bearer {}", created["secret"].as_str().unwrap());
+    gw.shutdown().await;
+    let (gw, _up) = start_store(SqliteStore::open(&path).unwrap()).await;
+    let (status, _, echo) = call(gw.addresses.http[0], "/x", &[("authorization", &secret)]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(echo["headers"]["x-orcheo-token-id"][0], "keeper");
+    let (_, _, trail) = api(
+        &gw,
+        Method::GET,
+        &format!("{BASE}/keeper/audit"),
+        Some(BOOT),
+        None,
+    )
+    .await;
+    assert_eq!(trail["events"][0]["action"], "created");
+}
+
+#[tokio::test]
+async fn a_row_written_the_way_orcheo_writes_it_is_accepted() {
+    let dir = temp_dir("tokens-orcheo");
+    let path = dir.join("tokens.sqlite");
+    let store = SqliteStore::open(&path).unwrap();
+    let hash = orcheo_gateway::store::hash_secret("ci-token");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "INSERT INTO service_tokens (identifier, secret_hash, scopes, workspace_ids, created_at, issued_at, expires_at, use_count) \
+             VALUES ('orcheo-ci', ?1, '[\"workflows:execute\", \"workflows:read\"]', '[\"ws-1\"]', \
+             '2025-01-01T00:00:00.123456+00:00', '2025-01-01T00:00:00.123456+00:00', '2999-01-01T00:00:00.000001+00:00', 0)",
+            [&hash],
+        )
+        .unwrap();
+    let (gw, _up) = start_store(store).await;
+    let (status, _, echo) = call(
+        gw.addresses.http[0],
+        "/x",
+        &[("authorization", "Bearer ci-token")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        echo["headers"]["x-orcheo-scopes"][0],
+        "workflows:execute workflows:read"
+    );
+    assert_eq!(echo["headers"]["x-orcheo-workspaces"][0], "ws-1");
+    let (_, _, shown) = api(
+        &gw,
+        Method::GET,
+        &format!("{BASE}/orcheo-ci"),
+        Some(BOOT),
+        None,
+    )
+    .await;
+    assert_eq!(shown["issued_at"], "2025-01-01T00:00:00Z");
+    assert_eq!(shown["expires_at"], "2999-01-01T00:00:00Z");
+    assert_eq!(shown["status"], "active");
+}
