@@ -23,7 +23,7 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Bod
                 &json!({"status": "ok", "auth_mode": mode.effective.as_str()}),
             )
         }
-        "/readyz" => readiness(shared),
+        "/readyz" => readiness(shared).await,
         "/metrics" => {
             let mut response = Response::new(body::full(shared.metrics.render()));
             response.headers_mut().insert(
@@ -36,7 +36,16 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Bod
     }
 }
 
-fn readiness(shared: &Shared) -> Response<Body> {
+/// Longest wait for the token store when answering a readiness probe.
+const STORE_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn readiness(shared: &Shared) -> Response<Body> {
+    let store = &shared.services.store;
+    let store_check = match tokio::time::timeout(STORE_PING_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => Ok(store.backend()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("no answer in time".to_string()),
+    };
     let mut checks = serde_json::Map::new();
     let mut ready = true;
     let mut check = |name: &str, ok: bool, detail: &str| {
@@ -49,6 +58,10 @@ fn readiness(shared: &Shared) -> Response<Body> {
         bound,
         if bound { "bound" } else { "not yet bound" },
     );
+    match &store_check {
+        Ok(backend) => check("token_store", true, backend),
+        Err(error) => check("token_store", false, error),
+    }
     let draining = shared.is_draining();
     check(
         "shutdown",

@@ -18,7 +18,7 @@ use crate::ratelimit::RateLimiter;
 use crate::server::tls::CertStore;
 use crate::server::{self, Listener, Role, ServerContext};
 use crate::state::{ConfigSource, Services, Shared, Snapshot};
-use crate::store::{MemoryStore, SqliteStore, TokenStore};
+use crate::store::{CachedStore, MemoryStore, SqliteStore, TokenStore};
 
 /// How often the configuration and certificate files are checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -94,6 +94,8 @@ impl Gateway {
         store: Arc<dyn TokenStore>,
     ) -> Result<Self, StartError> {
         let metrics = Metrics::new();
+        let store: Arc<dyn TokenStore> =
+            CachedStore::new(store, metrics.token_store_errors.clone());
         let services = Services {
             metrics: metrics.clone(),
             store,
@@ -185,6 +187,8 @@ impl Gateway {
         for task in &self.tasks {
             task.abort();
         }
+        // Usage counted in memory is written before the process goes.
+        self.shared.services.store.flush().await;
         let cut = if finished {
             0
         } else {

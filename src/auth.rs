@@ -432,6 +432,7 @@ impl Authenticator {
                 id,
             ));
         }
+        self.store.record_use(&id);
         Ok(Arc::new(Identity {
             subject: id.clone(),
             identity_type: IdentityType::Service,

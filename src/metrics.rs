@@ -53,6 +53,8 @@ pub struct Metrics {
     pub websocket_messages: IntCounterVec,
     /// `websocket_closed_total{reason}`.
     pub websocket_closed: IntCounterVec,
+    /// `token_store_errors_total`: service-token store calls that failed.
+    pub token_store_errors: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -163,8 +165,14 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let token_store_errors = prometheus::IntCounter::new(
+            "token_store_errors_total",
+            "Service-token store calls that failed",
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(websocket_connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(token_store_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(websocket_connections.clone()),
             Box::new(websocket_messages.clone()),
             Box::new(websocket_closed.clone()),
             Box::new(rate_limited.clone()),
@@ -212,6 +220,7 @@ impl Metrics {
             websocket_connections,
             websocket_messages,
             websocket_closed,
+            token_store_errors,
         }
     }
 

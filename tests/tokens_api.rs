@@ -153,7 +153,9 @@ async fn lifecycle(store: Arc<dyn TokenStore>) {
     let (status, _, shown) = api(&gw, Method::GET, &format!("{BASE}/ci"), Some(BOOT), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(shown["secret"], Value::Null);
-    assert_eq!(shown["use_count"], 0);
+    // Three uses so far (proxy, list, the refused create); reads flush the counts first.
+    assert_eq!(shown["use_count"], 3);
+    assert!(shown["last_used_at"].as_str().unwrap().ends_with('Z'));
     let (status, _, body) = api(&gw, Method::GET, &format!("{BASE}/nope"), Some(BOOT), None).await;
     assert_eq!(
         (status, body["message"].as_str()),
@@ -416,4 +418,128 @@ async fn a_row_written_the_way_orcheo_writes_it_is_accepted() {
     assert_eq!(shown["issued_at"], "2025-01-01T00:00:00Z");
     assert_eq!(shown["expires_at"], "2999-01-01T00:00:00Z");
     assert_eq!(shown["status"], "active");
+}
+
+#[tokio::test]
+async fn usage_is_counted_in_memory_and_written_at_shutdown() {
+    let dir = temp_dir("tokens-usage");
+    let path = dir.join("tokens.sqlite");
+    let (gw, _up) = start_store(SqliteStore::open(&path).unwrap()).await;
+    let (_, _, created) = api(
+        &gw,
+        Method::POST,
+        BASE,
+        Some(BOOT),
+        Some(json!({"identifier": "busy"})),
+    )
+    .await;
+    let secret = format!("Bearer {}", created["secret"].as_str().unwrap());
+    let stream = tokio::net::TcpStream::connect(gw.addresses.http[0])
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..1000 {
+        let request = Request::get("/x")
+            .header("host", "gw")
+            .header("authorization", &secret)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        collect(response).await;
+    }
+    // Nothing was written per request.
+    let stored = |path: &std::path::Path| {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT use_count, last_used_at FROM service_tokens WHERE identifier = 'busy'",
+                [],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Option<String>>(1)?)),
+            )
+            .unwrap()
+    };
+    assert_eq!(
+        stored(&path).0,
+        0,
+        "usage is batched, not written per request"
+    );
+    gw.shutdown().await;
+    let (count, last_used) = stored(&path);
+    assert_eq!(count, 1000);
+    assert!(last_used.unwrap().ends_with("+00:00"));
+}
+
+#[tokio::test]
+async fn a_store_outage_spares_cached_tokens_and_recovers() {
+    let dir = temp_dir("tokens-outage");
+    let path = dir.join("tokens.sqlite");
+    let (gw, _up) = start_store(SqliteStore::open(&path).unwrap()).await;
+    let http = gw.addresses.http[0];
+    let (_, _, warm) = api(
+        &gw,
+        Method::POST,
+        BASE,
+        Some(BOOT),
+        Some(json!({"identifier": "warm"})),
+    )
+    .await;
+    let (_, _, cold) = api(
+        &gw,
+        Method::POST,
+        BASE,
+        Some(BOOT),
+        Some(json!({"identifier": "cold"})),
+    )
+    .await;
+    let warm = format!("Bearer {}", warm["secret"].as_str().unwrap());
+    let cold = format!("Bearer {}", cold["secret"].as_str().unwrap());
+    assert_eq!(
+        call(http, "/x", &[("authorization", &warm)]).await.0,
+        StatusCode::OK
+    );
+    // The database goes away under the running gateway.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE service_tokens RENAME TO service_tokens_away")
+        .unwrap();
+    assert_eq!(
+        call(http, "/x", &[("authorization", &warm)]).await.0,
+        StatusCode::OK,
+        "a cached token keeps working"
+    );
+    let (status, headers, body) = call(http, "/x", &[("authorization", &cold)]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("auth.backend_unavailable")
+        )
+    );
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(
+        call(http, "/x", &[("authorization", BOOT)]).await.0,
+        StatusCode::OK,
+        "the bootstrap token is unaffected"
+    );
+    let admin = gw.addresses.admin.unwrap();
+    let (status, _, ready) = get(admin, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(&ready)["checks"]["token_store"]["ok"], false);
+    let metrics = String::from_utf8(get(admin, "/metrics").await.2.to_vec()).unwrap();
+    assert!(metric_value(&metrics, "orcheo_gateway_token_store_errors_total").unwrap() >= 1.0);
+    // It comes back: everything works again.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE service_tokens_away RENAME TO service_tokens")
+        .unwrap();
+    assert_eq!(
+        call(http, "/x", &[("authorization", &cold)]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(get(admin, "/readyz").await.0, StatusCode::OK);
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::{AuditEvent, BoxFuture, Change, StoreError, TokenRecord, TokenStore, WriteError};
+use super::{
+    AuditEvent, BoxFuture, Change, StoreError, TokenRecord, TokenStore, Usage, WriteError,
+};
 use crate::time::Timestamp;
 
 /// Orcheo's tables, created when missing; an existing Orcheo database is used as it is.
@@ -431,6 +433,36 @@ impl TokenStore for SqliteStore {
             let _ = self.changes.send(());
             Ok(())
         })
+    }
+
+    fn add_usage(&self, usage: Vec<Usage>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.blocking(move |connection| {
+            let store = |e: rusqlite::Error| StoreError(e.to_string());
+            let transaction = connection.transaction().map_err(store)?;
+            for used in &usage {
+                // Timestamps in one format compare correctly as text.
+                transaction
+                    .execute(
+                        "UPDATE service_tokens SET use_count = COALESCE(use_count, 0) + ?2, \
+                         last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ?3 THEN ?3 ELSE last_used_at END \
+                         WHERE identifier = ?1",
+                        rusqlite::params![used.identifier, used.count, used.last_used_at.to_offset_string()],
+                    )
+                    .map_err(store)?;
+            }
+            transaction.commit().map_err(store)
+        }))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.blocking(|connection| {
+            connection
+                .query_row("SELECT COUNT(*) FROM service_tokens", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map(|_| ())
+                .map_err(|e| StoreError(e.to_string()))
+        }))
     }
 
     fn audit<'a>(
