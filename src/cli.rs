@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check-config` and `demo`.
+//! The command line: `serve`, `check-config`, `demo` and `token`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod token;
 
 use crate::app::Gateway;
 use crate::config::{self, Config, Env};
@@ -38,6 +39,15 @@ pub enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// Manage service tokens through a gateway's admin API.
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        command: token::TokenCommand,
+        /// Where the gateway is and how to authenticate.
+        #[command(flatten)]
+        connection: token::Connection,
+    },
 }
 
 /// Where the configuration file is.
@@ -61,6 +71,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig(arg) => check_config(arg.config, &env),
         Command::Serve(arg) => serve(arg.config, env),
         Command::Demo { port } => demo::run(port),
+        Command::Token {
+            command,
+            connection,
+        } => token::run(command, connection, &env),
     }
 }
 
