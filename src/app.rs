@@ -18,7 +18,7 @@ use crate::ratelimit::RateLimiter;
 use crate::server::tls::CertStore;
 use crate::server::{self, Listener, Role, ServerContext};
 use crate::state::{ConfigSource, Services, Shared, Snapshot};
-use crate::store::{CachedStore, MemoryStore, SqliteStore, TokenStore};
+use crate::store::{CachedStore, MemoryStore, PostgresStore, SqliteStore, TokenStore};
 
 /// How often the configuration and certificate files are checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -82,7 +82,7 @@ impl Gateway {
         path: Option<PathBuf>,
         env: config::Env,
     ) -> Result<Self, StartError> {
-        let store = open_store(&config)?;
+        let store = open_store(&config).await?;
         Self::start_with_store(config, path, env, store).await
     }
 
@@ -308,7 +308,7 @@ fn rate_limiter(config: &Config, metrics: &Metrics) -> Result<RateLimiter, Start
 }
 
 /// The service-token store `auth.service_tokens.backend` names.
-fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
+async fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
     match config.auth.service_tokens.backend {
         TokenBackend::Memory => Ok(Arc::new(MemoryStore::new())),
         TokenBackend::Sqlite => {
@@ -318,11 +318,23 @@ fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, StartError> {
             tracing::info!(path = %path.display(), "service tokens in SQLite");
             Ok(store)
         }
-        // Refused by validation already; kept so that the match stays exhaustive.
-        TokenBackend::Postgres => Err(StartError::Config(
-            "auth.service_tokens.backend: the postgres store is not available in this version"
-                .into(),
-        )),
+        TokenBackend::Postgres => {
+            let dsn = config
+                .auth
+                .service_tokens
+                .postgres_dsn
+                .as_ref()
+                .ok_or_else(|| {
+                    StartError::Config(
+                        "auth.service_tokens.postgres_dsn is required for postgres".into(),
+                    )
+                })?;
+            let store = PostgresStore::open(dsn.expose())
+                .await
+                .map_err(StartError::Config)?;
+            tracing::info!(dsn = %dsn.redacted(), "service tokens in PostgreSQL");
+            Ok(store)
+        }
     }
 }
 

@@ -10,9 +10,11 @@ use std::sync::RwLock;
 use crate::time::Timestamp;
 
 mod cached;
+mod postgres;
 mod sqlite;
 
 pub use cached::CachedStore;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// A boxed future, so the trait can be used as `dyn TokenStore`.

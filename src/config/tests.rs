@@ -161,7 +161,7 @@ routes:
         "upstreams.other.colour",
         "auth.mode",
         "auth.jwt.allowed_algorithms",
-        "auth.service_tokens.backend",
+        "auth.service_tokens.postgres_dsn",
         "auth.rate_limit.redis_url",
         "identity.assertion.ttl",
         "identity.headers.subject",

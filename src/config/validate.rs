@@ -193,10 +193,10 @@ fn check_auth(config: &Config, errors: &mut ConfigErrors) {
     positive(errors, "auth.jwt.jwks_timeout", jwt.jwks_timeout.get());
     positive(errors, "auth.jwt.jwks_cache_ttl", jwt.jwks_cache_ttl.get());
     let tokens = &config.auth.service_tokens;
-    if tokens.backend == TokenBackend::Postgres {
+    if tokens.backend == TokenBackend::Postgres && tokens.postgres_dsn.is_none() {
         errors.push(
-            "auth.service_tokens.backend",
-            "the postgres store is not available in this version; use sqlite or memory",
+            "auth.service_tokens.postgres_dsn",
+            "required when backend is postgres (or set ORCHEO_POSTGRES_DSN)",
         );
     }
     let limit = &config.auth.rate_limit;

@@ -1,5 +1,5 @@
 //! The store as the hot path sees it: lookups answered from a bounded in-memory cache
-//! (a busy token costs no database round trip), emptied whenever tokens change; cached
+//! (a busy token costs no database round trip), re-asked whenever tokens change; cached
 //! tokens keep working while the database is unreachable; and usage counted in memory,
 //! written in batches at least every 10 s and at shutdown — never a write per request.
 
@@ -25,6 +25,9 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 struct Cached {
     record: TokenRecord,
     fetched: Instant,
+    /// Set when tokens changed: the entry must be asked for again, but still stands in
+    /// while the store cannot answer.
+    stale: bool,
 }
 
 /// A caching, usage-batching wrapper around a store.
@@ -78,8 +81,12 @@ impl CachedStore {
         });
     }
 
+    /// Marks every entry stale: the next lookup of each asks the store again.
     fn forget_all(&self) {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        for entry in cache.values_mut() {
+            entry.stale = true;
+        }
     }
 
     fn failed(&self, error: &StoreError) {
@@ -101,6 +108,7 @@ impl CachedStore {
             Cached {
                 record: record.clone(),
                 fetched: Instant::now(),
+                stale: false,
             },
         );
     }
@@ -110,7 +118,7 @@ impl CachedStore {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .get(hash)
-            .map(|c| (c.record.clone(), c.fetched.elapsed() < FRESH))
+            .map(|c| (c.record.clone(), !c.stale && c.fetched.elapsed() < FRESH))
     }
 }
 
