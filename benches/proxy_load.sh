@@ -73,6 +73,8 @@ admin: {listen: "127.0.0.1:$ADMIN_PORT"}
 upstreams: {default: {url: "http://127.0.0.1:$UPSTREAM_PORT"}}
 auth:
   jwt: {secret: "$SECRET", jwks: '$JWKS'}
+  bootstrap: {token: "bench-bootstrap-$$"}
+  service_tokens: {sqlite_path: "$work/tokens.sqlite"}
 routes:
   - {name: public, path: "/public/**", public: true}
   - {name: scoped, path: "/auth/**", scopes: [workflows:read]}
@@ -84,7 +86,7 @@ pids+=($!)
 # The same gateway with every limit on: the failure limit per IP (checked on each
 # request) and a route limit too high to trip (recorded on each request).
 LIMITED_PORT=$((GATEWAY_PORT + 10))
-sed -e "s/127.0.0.1:$GATEWAY_PORT/127.0.0.1:$LIMITED_PORT/" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$((ADMIN_PORT + 10))/" \
+sed -e "s/127.0.0.1:$GATEWAY_PORT/127.0.0.1:$LIMITED_PORT/" -e "s|$work/tokens.sqlite|$work/limited-tokens.sqlite|" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$((ADMIN_PORT + 10))/" \
     -e 's|{name: public, path: "/public/\*\*", public: true}|{name: public, path: "/public/**", public: true, rate_limit: {per: ip, requests: 100000000, window: 1s}}|' \
     -e '/^  jwt:/a\  rate_limit: {ip: 1000000, identity: 1000000, interval: 60}' \
     "$work/gateway.yaml" > "$work/limited.yaml"
@@ -117,6 +119,11 @@ run() {
 wrk -t1 -c8 -d2s "http://127.0.0.1:$GATEWAY_PORT/public/warm" >/dev/null
 wrk -t1 -c8 -d2s "http://127.0.0.1:$LIMITED_PORT/public/warm" >/dev/null
 test "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $RS_TOKEN" "http://127.0.0.1:$GATEWAY_PORT/auth/x")" = 200
+# A service token, created through the admin API with the bootstrap token.
+SERVICE_TOKEN=$(curl -sf -X POST "http://127.0.0.1:$GATEWAY_PORT/api/admin/service-tokens" \
+  -H "Authorization: Bearer bench-bootstrap-$$" -H 'content-type: application/json' \
+  -d '{"identifier": "bench", "scopes": ["workflows:read"]}' | sed -n 's/.*"secret":"\([^"]*\)".*/\1/p')
+test -n "$SERVICE_TOKEN"
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
 echo "load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, small JSON response from nginx"
@@ -126,6 +133,7 @@ printf '%-22s %12s %10s %10s %8s\n' "direct" "$d_rps" "$d_p50" "$d_p99" "1.00"
 for case in "gateway, public route|$GATEWAY_PORT/public/bench|" \
             "gateway, HS256 JWT|$GATEWAY_PORT/auth/bench|$HS_TOKEN" \
             "gateway, RS256 JWT|$GATEWAY_PORT/auth/bench|$RS_TOKEN" \
+            "gateway, service token|$GATEWAY_PORT/auth/bench|$SERVICE_TOKEN" \
             "limits on, public|$LIMITED_PORT/public/bench|"; do
   IFS='|' read -r label target token <<<"$case"
   read -r rps p50 p99 < <(run "http://127.0.0.1:$target" "$token")
