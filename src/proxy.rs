@@ -23,7 +23,7 @@ pub mod headers;
 mod tls_client;
 pub mod websocket;
 
-pub use tls_client::{config as tls_client_config, Roots};
+pub use tls_client::{config as tls_client_config, connector as https_connector, Roots};
 
 /// The system trust roots when `needed`, for any client the gateway builds.
 pub fn tls_roots(needed: bool) -> Roots {
@@ -66,18 +66,10 @@ impl UpstreamClient {
             .path_and_query
             .map(|p| p.path().trim_end_matches('/').to_string())
             .unwrap_or_default();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(settings.connect_timeout.get()));
         let tls = tls_client::config(roots, settings.ca_file.as_deref())
             .map_err(|e| format!("upstream `{name}`: {e}"))?;
         let tls = Arc::new(tls);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = tls_client::connector((*tls).clone(), Some(settings.connect_timeout.get()));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())

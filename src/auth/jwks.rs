@@ -93,14 +93,7 @@ impl RemoteJwks {
             .map_err(|_| format!("auth.jwt.jwks_url: `{url}` is not a URL"))?;
         let roots = crate::proxy::tls_roots(url.scheme_str() == Some("https"));
         let tls = crate::proxy::tls_client_config(&roots, None)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = crate::proxy::https_connector(tls, Some(timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .build(connector);

@@ -214,11 +214,7 @@ async fn call(
         .map_err(|e| Failure(2, e.to_string()))?;
     let roots = crate::proxy::tls_roots(target.api_url.starts_with("https://"));
     let tls = crate::proxy::tls_client_config(&roots, None).map_err(|e| Failure(2, e))?;
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
+    let connector = crate::proxy::https_connector(tls, Some(CALL_TIMEOUT));
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let exchange = async {
         let response = client
@@ -281,6 +277,20 @@ fn segment(id: &str) -> String {
         .collect()
 }
 
+/// The API path of token `id`, with an optional suffix such as `/rotate`.
+fn token_path(id: &str, suffix: &str) -> String {
+    format!("/{}{suffix}", segment(id))
+}
+
+/// The API's JSON with `--json`, else the human form.
+fn render(json_out: bool, value: &Value, human: impl FnOnce(&Value) -> String) -> String {
+    if json_out {
+        pretty(value)
+    } else {
+        human(value)
+    }
+}
+
 async fn execute(
     command: TokenCommand,
     connection: &Connection,
@@ -311,11 +321,9 @@ async fn execute(
             );
             set(&mut body, "expires_in_seconds", expires_in.map(Value::from));
             let token = checked(&target, Method::POST, "", Some(body), StatusCode::CREATED).await?;
-            Ok(if json_out {
-                pretty(&token)
-            } else {
-                secret_block("Service token created successfully!", &token, None)
-            })
+            Ok(render(json_out, &token, |t| {
+                secret_block("Service token created successfully!", t, None)
+            }))
         }
         TokenCommand::Rotate {
             id,
@@ -336,15 +344,15 @@ async fn execute(
                 "workspace_ids",
                 (!workspaces.is_empty()).then(|| json!(workspaces)),
             );
-            let path = format!("/{}/rotate", segment(&id));
-            let token = checked(&target, Method::POST, &path, Some(body), StatusCode::OK).await?;
+            let rotate = token_path(&id, "/rotate");
+            let token = checked(&target, Method::POST, &rotate, Some(body), StatusCode::OK).await?;
             if json_out {
                 return Ok(pretty(&token));
             }
             let old = checked(
                 &target,
                 Method::GET,
-                &format!("/{}", segment(&id)),
+                &token_path(&id, ""),
                 None,
                 StatusCode::OK,
             )
@@ -364,57 +372,44 @@ async fn execute(
                 .map(|s| format!("?status={}", segment(&s)))
                 .unwrap_or_default();
             let list = checked(&target, Method::GET, &path, None, StatusCode::OK).await?;
-            Ok(if json_out {
-                pretty(&list)
-            } else {
-                table(&list)
-            })
+            Ok(render(json_out, &list, table))
         }
         TokenCommand::Show { id } => {
             let token = checked(
                 &target,
                 Method::GET,
-                &format!("/{}", segment(&id)),
+                &token_path(&id, ""),
                 None,
                 StatusCode::OK,
             )
             .await?;
-            Ok(if json_out {
-                pretty(&token)
-            } else {
-                fields(&token)
-            })
+            Ok(render(json_out, &token, fields))
         }
         TokenCommand::Revoke { id, reason } => {
             let body = Some(json!({"reason": reason}));
             checked(
                 &target,
                 Method::DELETE,
-                &format!("/{}", segment(&id)),
+                &token_path(&id, ""),
                 body,
                 StatusCode::NO_CONTENT,
             )
             .await?;
-            Ok(if json_out {
-                pretty(&json!({"identifier": id, "status": "revoked"}))
-            } else {
+            let done = json!({"identifier": id, "status": "revoked"});
+            Ok(render(json_out, &done, |_| {
                 format!("Service token '{id}' revoked.\n")
-            })
+            }))
         }
         TokenCommand::Audit { id } => {
             let trail = checked(
                 &target,
                 Method::GET,
-                &format!("/{}/audit", segment(&id)),
+                &token_path(&id, "/audit"),
                 None,
                 StatusCode::OK,
             )
             .await?;
-            Ok(if json_out {
-                pretty(&trail)
-            } else {
-                audit(&trail)
-            })
+            Ok(render(json_out, &trail, audit))
         }
     }
 }

@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -50,4 +52,22 @@ pub fn config(roots: &Roots, ca_file: Option<&Path>) -> Result<ClientConfig, Str
         .with_root_certificates(store)
         .with_no_client_auth();
     Ok(config)
+}
+
+/// The connector every HTTP client of the gateway uses (upstreams, JWKS, the `token`
+/// commands): `http://` or `https://` with `tls`, HTTP/1.1, TCP_NODELAY, and an optional
+/// TCP connect timeout.
+pub fn connector(
+    tls: ClientConfig,
+    connect_timeout: Option<std::time::Duration>,
+) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(connect_timeout);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
 }

@@ -390,7 +390,7 @@ async fn relay<C, U>(
             }
         }
     };
-    if let Some(frame) = ending.close_frame() {
+    let (to_client, to_upstream) = if let Some(frame) = ending.close_frame() {
         close_code = Some(u16::from(frame.code));
         let to_upstream = if ending == Ending::TokenExpired || ending == Ending::TokenRevoked {
             frame.clone()
@@ -400,15 +400,14 @@ async fn relay<C, U>(
                 reason: "client connection ended".into(),
             }
         };
-        // Both closes are bounded: a peer that stops reading must not hold the task.
-        let grace = Duration::from_secs(2);
-        let _ = tokio::time::timeout(grace, client.close(Some(frame))).await;
-        let _ = tokio::time::timeout(grace, upstream.close(Some(to_upstream))).await;
+        (Some(frame), Some(to_upstream))
     } else {
-        let grace = Duration::from_secs(2);
-        let _ = tokio::time::timeout(grace, client.close(None)).await;
-        let _ = tokio::time::timeout(grace, upstream.close(None)).await;
-    }
+        (None, None)
+    };
+    // Both closes are bounded: a peer that stops reading must not hold the task.
+    let grace = Duration::from_secs(2);
+    let _ = tokio::time::timeout(grace, client.close(to_client)).await;
+    let _ = tokio::time::timeout(grace, upstream.close(to_upstream)).await;
     metrics.websocket_connections.dec();
     metrics
         .websocket_closed
