@@ -1,17 +1,22 @@
 //! Wire-up: configuration → state → listeners → watchers; then reload on demand and a
 //! graceful drain on shutdown. `cli` maps signals onto these calls; tests call them directly.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth::assertion::AssertionSigner;
+use crate::body::Body;
 use crate::config::TokenBackend;
 use crate::config::{self, Config};
+use crate::conn::ConnInfo;
 use crate::files::FileStamp;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -145,7 +150,17 @@ impl Gateway {
                 (Role::Proxy, false) => addresses.http.push(addr),
             }
             tracing::info!(%addr, role = role.as_str(), tls, "listening");
-            tasks.push(tokio::spawn(server::run(listener, ctx.clone())));
+            let task = match role {
+                Role::Proxy => {
+                    let handler = Arc::new(ProxyHandler(shared.clone()));
+                    tokio::spawn(server::run(listener, ctx.clone(), handler))
+                }
+                Role::Admin => {
+                    let handler = Arc::new(AdminHandler(shared.clone()));
+                    tokio::spawn(server::run(listener, ctx.clone(), handler))
+                }
+            };
+            tasks.push(task);
         }
         tasks.push(tokio::spawn(watch_files(shared.clone(), certs)));
         shared.set_listeners_bound();
@@ -204,6 +219,32 @@ impl Gateway {
         ShutdownReport {
             cut_connections: cut,
         }
+    }
+}
+
+/// The proxy listeners answer through the request pipeline.
+struct ProxyHandler(Arc<Shared>);
+
+impl server::Handler for ProxyHandler {
+    fn handle(
+        &self,
+        conn: &ConnInfo,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send {
+        crate::handler::handle(&self.0, conn, request)
+    }
+}
+
+/// The admin listener answers health, readiness and metrics.
+struct AdminHandler(Arc<Shared>);
+
+impl server::Handler for AdminHandler {
+    fn handle(
+        &self,
+        _conn: &ConnInfo,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send {
+        crate::admin::handle(&self.0, request)
     }
 }
 

@@ -15,6 +15,7 @@ use crate::store::{hash_secret, TokenStore};
 use crate::time::Timestamp;
 
 pub mod assertion;
+pub mod b64url;
 mod cache;
 pub mod credential;
 pub mod failure;

@@ -12,12 +12,14 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub mod env;
+mod errors;
 mod validate;
 pub use validate::{check_url, jwks_json, route_name};
 mod load;
 pub mod values;
 
-pub use load::{load, load_file, resolve_path, ConfigError, ConfigErrors, Env};
+pub use errors::{ConfigError, ConfigErrors, Env};
+pub use load::{load, load_file, resolve_path};
 pub use values::{ByteSize, Cidr, Dur, Secret, SecretUrl, StrList};
 
 use crate::time::Timestamp;

@@ -11,11 +11,11 @@ use crate::access_log::AccessRecord;
 use crate::auth::Decision;
 use crate::body::{self, Body};
 use crate::client_ip;
+use crate::conn::ConnInfo;
 use crate::error::GatewayError;
 use crate::proxy::headers::{self, Forwarding, X_REQUEST_ID};
 use crate::proxy::websocket;
 use crate::routing::{NormalizedPath, RouteMatch};
-use crate::server::ConnInfo;
 use crate::state::{Shared, Snapshot};
 use crate::tokens_api;
 

@@ -5,6 +5,7 @@
 //! - [`cli`]: the command line (`serve`, `check-config`).
 //! - [`app`]: wire-up — configuration → state → listeners → watchers → drain.
 //! - [`config`]: `gateway.yaml` and environment, parsed into validated types.
+//! - [`conn`]: what a request knows of its connection, and how long-lived work ends.
 //! - [`server`]: accept loop, connection limits, TLS with certificate reload, PROXY
 //!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts.
 //! - [`handler`]: the request pipeline, one screen long.
@@ -29,6 +30,7 @@ pub mod body;
 pub mod cli;
 pub mod client_ip;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod files;
 pub mod handler;

@@ -3,13 +3,14 @@
 //! slow-client cut-offs, and graceful drain on shutdown.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -17,7 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::body::Body;
 use crate::config::Limits;
+use crate::conn::{stopped, ConnInfo, Lifecycle};
 use crate::state::Shared;
 
 mod activity;
@@ -53,28 +56,15 @@ impl Role {
     }
 }
 
-/// What long-lived work started by a request (a WebSocket relay) needs in order to end
-/// with the gateway: the shutdown signal, and a drain guard that shutdown waits for.
-#[derive(Debug, Clone)]
-pub struct Lifecycle {
-    /// Becomes `true` when the gateway shuts down.
-    pub shutdown: watch::Receiver<bool>,
-    /// Held while the work runs.
-    pub drain: mpsc::Sender<()>,
-}
-
-/// Facts about the connection a request arrived on.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The client as the gateway believes it: the PROXY header's source when the socket
-    /// peer is trusted, else the socket peer.
-    pub peer: SocketAddr,
-    /// The TCP peer.
-    pub socket_peer: SocketAddr,
-    /// Whether the client connected over TLS.
-    pub tls: bool,
-    /// Shutdown signal and drain guard, for work that outlives the request.
-    pub lifecycle: Lifecycle,
+/// What answers the requests of a listener: the proxy pipeline or the admin endpoints.
+/// `app` chooses one per listener, so the server knows nothing of what is served.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request. Never fails: every error becomes its response.
+    fn handle(
+        &self,
+        conn: &ConnInfo,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send;
 }
 
 /// A bound listener, ready to accept.
@@ -121,8 +111,8 @@ pub struct ServerContext {
     pub drain: mpsc::Sender<()>,
 }
 
-/// Accepts connections on `listener` until shutdown.
-pub async fn run(listener: Listener, ctx: ServerContext) {
+/// Accepts connections on `listener` until shutdown; `handler` answers their requests.
+pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Arc<H>) {
     let permits = match listener.role {
         Role::Proxy => ctx.limits.max_connections,
         Role::Admin => ADMIN_MAX_CONNECTIONS,
@@ -153,17 +143,12 @@ pub async fn run(listener: Listener, ctx: ServerContext) {
         };
         let listener = listener.clone();
         let ctx = ctx.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            connection(stream, socket_peer, &listener, ctx).await;
+            connection(stream, socket_peer, &listener, ctx, handler).await;
         });
     }
-}
-
-/// Resolves once shutdown has begun (at once if it already has).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns must not live across an await of the caller.
-    let _ = shutdown.wait_for(|&stop| stop).await.map(|_| ());
 }
 
 /// Decrements the open-connection gauge when the connection task ends.
@@ -175,11 +160,12 @@ impl Drop for OpenGuard {
     }
 }
 
-async fn connection(
+async fn connection<H: Handler>(
     mut stream: TcpStream,
     socket_peer: SocketAddr,
     listener: &Listener,
     ctx: ServerContext,
+    handler: Arc<H>,
 ) {
     let gauge = ctx.shared.metrics.open_connections.clone();
     gauge.inc();
@@ -215,10 +201,10 @@ async fn connection(
         },
     };
     let Some(acceptor) = &listener.tls else {
-        return serve(stream, info, listener.role, ctx).await;
+        return serve(stream, info, ctx, handler).await;
     };
     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => serve(tls_stream, info, listener.role, ctx).await,
+        Ok(Ok(tls_stream)) => serve(tls_stream, info, ctx, handler).await,
         Ok(Err(error)) => tracing::debug!(%socket_peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%socket_peer, "TLS handshake timed out"),
     }
@@ -254,24 +240,21 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn serve<IO>(io: IO, info: ConnInfo, role: Role, ctx: ServerContext)
+async fn serve<IO, H>(io: IO, info: ConnInfo, ctx: ServerContext, handler: Arc<H>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
 {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked::new(io, activity.clone()));
     let info = Arc::new(info);
-    let shared = ctx.shared.clone();
     let tracker = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let guard = tracker.begin_request();
-        let shared = shared.clone();
+        let handler = handler.clone();
         let info = info.clone();
         async move {
-            let response = match role {
-                Role::Proxy => crate::handler::handle(&shared, &info, request).await,
-                Role::Admin => crate::admin::handle(&shared, request).await,
-            };
+            let response = handler.handle(&info, request).await;
             drop(guard);
             Ok::<_, Infallible>(response)
         }

@@ -2,12 +2,11 @@
 //! key the gateway generates at start-up, that tells the upstream the request came
 //! through the gateway and who the caller is. Its public key is served as a JWKS.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::json;
 
+use super::b64url;
 use super::identity::Identity;
 
 /// Signs identity assertions.
@@ -27,12 +26,12 @@ impl AssertionSigner {
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
             .map_err(|_| "cannot load the assertion key".to_string())?;
         let point = key.public_key().as_ref();
-        let x = URL_SAFE_NO_PAD.encode(&point[1..33]);
-        let y = URL_SAFE_NO_PAD.encode(&point[33..65]);
+        let x = b64url::encode(&point[1..33]);
+        let y = b64url::encode(&point[33..65]);
         // RFC 7638 thumbprint: the required members in lexicographic order, no spaces.
         let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
         let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
-        let kid = URL_SAFE_NO_PAD.encode(digest.as_ref());
+        let kid = b64url::encode(digest.as_ref());
         let jwks = json!({"keys": [{
             "kty": "EC", "crv": "P-256", "x": x, "y": y,
             "kid": kid, "alg": "ES256", "use": "sig"
@@ -80,16 +79,13 @@ impl AssertionSigner {
         });
         let input = format!(
             "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
+            b64url::encode(header.to_string()),
+            b64url::encode(claims.to_string())
         );
         let signature = self
             .key
             .sign(&self.rng, input.as_bytes())
             .map_err(|_| "signing the identity assertion failed".to_string())?;
-        Ok(format!(
-            "{input}.{}",
-            URL_SAFE_NO_PAD.encode(signature.as_ref())
-        ))
+        Ok(format!("{input}.{}", b64url::encode(signature.as_ref())))
     }
 }

@@ -4,22 +4,16 @@
 
 use std::sync::Arc;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
 
+use super::b64url;
 use super::cache::TokenCache;
 use super::failure::{AuthError, AuthFailure, Expired};
 use super::identity::Identity;
 use super::jwks::{RemoteJwks, RemoteLookup};
 use super::keys::{KeySet, Lookup};
 use crate::config;
-
-/// Decodes strict base64url without padding.
-pub fn b64url(text: &str) -> Option<Vec<u8>> {
-    URL_SAFE_NO_PAD.decode(text).ok()
-}
 
 /// Claim checks, from configuration.
 #[derive(Debug, Clone)]
@@ -67,12 +61,6 @@ struct Parsed<'a> {
     signature: &'a str,
 }
 
-fn is_b64url(segment: &str) -> bool {
-    segment
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// Header members that change how a JWS must be processed; the gateway implements none
 /// of them, so a token carrying one is refused rather than half-understood.
 const REFUSED_HEADER_MEMBERS: [&str; 4] = ["crit", "b64", "enc", "zip"];
@@ -115,7 +103,7 @@ impl<'de> serde::Deserialize<'de> for StrictObject {
 
 /// Decodes one base64url segment holding a JSON object with distinct members.
 fn decode_object(segment: &str) -> Option<Map<String, Value>> {
-    let bytes = b64url(segment)?;
+    let bytes = b64url::decode(segment)?;
     serde_json::from_slice::<StrictObject>(&bytes)
         .ok()
         .map(|o| o.0)
@@ -130,7 +118,7 @@ fn parse<'a>(token: &'a str, allowed: &[Algorithm]) -> Result<Parsed<'a>, AuthEr
     };
     if [header, payload, signature]
         .iter()
-        .any(|s| s.is_empty() || !is_b64url(s))
+        .any(|s| s.is_empty() || !b64url::is_alphabet(s))
     {
         return Err(AuthError::InvalidToken);
     }
@@ -240,7 +228,7 @@ impl JwtVerifier {
     pub async fn verify_jws(&self, token: &str) -> Result<Vec<u8>, AuthError> {
         let parsed = parse(token, &self.settings.allowed)?;
         self.verify_parsed(&parsed).await?;
-        b64url(parsed.payload).ok_or(AuthError::InvalidToken)
+        b64url::decode(parsed.payload).ok_or(AuthError::InvalidToken)
     }
 
     async fn verify_parsed(&self, parsed: &Parsed<'_>) -> Result<(), AuthError> {

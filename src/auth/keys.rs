@@ -233,7 +233,7 @@ pub fn parse_key(entry: &Value) -> Result<Option<VerifyKey>, String> {
 }
 
 fn b64(text: &str) -> Result<Vec<u8>, String> {
-    super::jwt::b64url(text).ok_or_else(|| "not base64url".to_string())
+    super::b64url::decode(text).ok_or_else(|| "not base64url".to_string())
 }
 
 fn rsa_key(entry: &serde_json::Map<String, Value>) -> Result<DecodingKey, String> {

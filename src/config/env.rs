@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use super::load::{ConfigErrors, Env};
+use super::errors::{ConfigErrors, Env};
 use super::values::{parse_bool, Cidr, Dur, Secret, SecretUrl, StrList};
 use super::{AuthMode, Config, LogFormat, LogLevel, TokenBackend, Upstream};
 use crate::time::Timestamp;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 use http::{Method, Uri};
 
-use super::load::ConfigErrors;
+use super::errors::ConfigErrors;
 use super::{Config, Route, TokenBackend, JWT_ALGORITHMS};
 use crate::routing::Pattern;
 

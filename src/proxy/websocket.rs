@@ -24,9 +24,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::auth::identity::{AuthMethod, Identity};
 use crate::body::{self, Body};
+use crate::conn::Lifecycle;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::server::Lifecycle;
 use crate::store::{hash_secret, TokenStore};
 use crate::time::Timestamp;
 
@@ -370,7 +370,7 @@ async fn relay<C, U>(
                 None => last_frame = Instant::now(),
             },
             _ = expires => break Ending::TokenExpired,
-            _ = crate::server::stopped(&mut shutdown) => break Ending::Shutdown,
+            _ = crate::conn::stopped(&mut shutdown) => break Ending::Shutdown,
             changed = changes.recv(), if credential.service_token_hash.is_some() => {
                 if matches!(changed, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
                     changes = settings.store.subscribe();

@@ -1,0 +1,37 @@
+//! What a request knows of the connection it arrived on, and how work that outlives the
+//! request (a WebSocket relay) ends with the gateway. `server` fills these in; the
+//! request pipeline and the relay only read them.
+
+use std::net::SocketAddr;
+
+use tokio::sync::{mpsc, watch};
+
+/// What long-lived work started by a request (a WebSocket relay) needs in order to end
+/// with the gateway: the shutdown signal, and a drain guard that shutdown waits for.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// Becomes `true` when the gateway shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Held while the work runs.
+    pub drain: mpsc::Sender<()>,
+}
+
+/// Facts about the connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client as the gateway believes it: the PROXY header's source when the socket
+    /// peer is trusted, else the socket peer.
+    pub peer: SocketAddr,
+    /// The TCP peer.
+    pub socket_peer: SocketAddr,
+    /// Whether the client connected over TLS.
+    pub tls: bool,
+    /// Shutdown signal and drain guard, for work that outlives the request.
+    pub lifecycle: Lifecycle,
+}
+
+/// Resolves once shutdown has begun (at once if it already has).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await of the caller.
+    let _ = shutdown.wait_for(|&stop| stop).await.map(|_| ());
+}
