@@ -9,9 +9,6 @@ use http::{HeaderValue, Method, Request, StatusCode};
 use crate::metrics::Metrics;
 use std::net::IpAddr;
 
-/// Query parameters whose values never reach a log.
-const REDACTED_PARAMS: [&str; 2] = ["token", "access_token"];
-
 /// Route label of requests that matched no route.
 pub const NO_ROUTE: &str = "none";
 
@@ -95,21 +92,10 @@ impl AccessRecord {
 
 /// The path and query with the values of credential parameters replaced by `REDACTED`.
 pub fn redact_target(path: &str, query: Option<&str>) -> String {
-    let Some(query) = query else {
-        return path.to_string();
-    };
-    let redacted: Vec<String> = query
-        .split('&')
-        .map(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            if REDACTED_PARAMS.iter().any(|p| name.eq_ignore_ascii_case(p)) {
-                format!("{name}=REDACTED")
-            } else {
-                pair.to_string()
-            }
-        })
-        .collect();
-    format!("{path}?{}", redacted.join("&"))
+    match query {
+        Some(query) => format!("{path}?{}", crate::query::redacted(query)),
+        None => path.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,10 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Bod
         }
         "/readyz" => readiness(shared).await,
         "/metrics" => {
+            // The mode can change live (the first service token switches enforcement
+            // on), so the gauge is brought up to date when it is read.
+            let enforced = shared.snapshot().auth.mode().enforced;
+            shared.metrics.auth_enforced.set(i64::from(enforced));
             let mut response = Response::new(body::full(shared.metrics.render()));
             response.headers_mut().insert(
                 CONTENT_TYPE,

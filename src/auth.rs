@@ -4,13 +4,11 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
 
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, Route};
 use crate::metrics::Metrics;
-use crate::routing::RouteMatch;
 use crate::store::{hash_secret, TokenStore};
 use crate::time::Timestamp;
 
@@ -67,10 +65,11 @@ pub struct ModeReport {
     pub reason: String,
 }
 
-/// The outcome of authenticating and authorizing one request.
+/// Who a request is from, as authentication found it; `authz` then decides whether it
+/// may use the route.
 #[derive(Debug, Clone)]
-pub struct Decision {
-    /// The caller.
+pub struct Caller {
+    /// The identity.
     pub identity: Arc<Identity>,
     /// The verified token, to forward as `Authorization: Bearer …` when configured.
     pub token: Option<String>,
@@ -163,11 +162,6 @@ impl Authenticator {
         self.jwt.remote()
     }
 
-    /// The token store.
-    pub fn store(&self) -> &Arc<dyn TokenStore> {
-        &self.store
-    }
-
     /// The mode in force now: in the default mode, creating the first service token
     /// switches enforcement on without a restart.
     pub fn mode(&self) -> ModeReport {
@@ -200,21 +194,20 @@ impl Authenticator {
         }
     }
 
-    /// Authenticates and authorizes one request for `matched`. `websocket` selects the
-    /// upgrade credential sources.
-    pub async fn check(
+    /// Authenticates one request for `route`. `websocket` selects the upgrade credential
+    /// sources. Disabled mode and public routes skip authentication: the caller is then
+    /// anonymous and authorization has nothing to check.
+    pub async fn authenticate_request(
         &self,
-        matched: &RouteMatch<'_>,
+        route: &Route,
         headers: &HeaderMap,
         query: Option<&str>,
         websocket: bool,
         client_ip: &str,
-    ) -> Result<Decision, AuthFailure> {
+    ) -> Result<Caller, AuthFailure> {
         let mode = self.mode();
-        self.metrics.auth_enforced.set(i64::from(mode.enforced));
-        let route = &matched.route.config;
         if mode.effective == AuthMode::Disabled || route.public {
-            return Ok(Decision {
+            return Ok(Caller {
                 identity: Arc::new(Identity::anonymous()),
                 token: None,
                 skipped: true,
@@ -225,83 +218,42 @@ impl Authenticator {
         } else {
             credential::from_http(headers)
         };
-        let (identity, token) = match credential {
-            Credential::BadScheme => {
-                let failure = AuthFailure::bare(AuthError::InvalidScheme);
-                self.record_failure("none", &failure, client_ip, None);
-                return Err(failure);
-            }
-            Credential::None if mode.enforced => {
-                let failure = AuthFailure::bare(AuthError::MissingToken);
-                self.record_failure("none", &failure, client_ip, None);
-                return Err(failure);
-            }
-            Credential::None => (Arc::new(Identity::anonymous()), None),
-            Credential::Bearer { token, .. } => {
-                let identity = self.authenticate(&token, client_ip).await?;
-                (identity, Some(token))
-            }
-        };
-        let workspace = requested_workspace(matched, headers, query);
-        crate::authz::authorize(&identity, &route.scopes.0, workspace.as_deref()).map_err(
-            |error| {
-                let failure = AuthFailure {
-                    identity: (!identity.is_anonymous()).then(|| identity.subject.clone()),
-                    token_presented: token.is_some() && error == AuthError::MissingToken,
-                    error,
-                };
-                self.record_failure(
-                    identity.method.as_str(),
-                    &failure,
-                    client_ip,
-                    token.as_deref(),
-                );
-                failure
-            },
-        )?;
-        Ok(Decision {
-            identity,
-            token,
-            skipped: false,
-        })
+        match credential {
+            Credential::None if !mode.enforced => Ok(Caller {
+                identity: Arc::new(Identity::anonymous()),
+                token: None,
+                skipped: false,
+            }),
+            credential => self.bearer(credential, client_ip).await,
+        }
     }
 
     /// Authenticates a request that always needs a Bearer credential in its
-    /// `Authorization` header, whatever the mode (the token admin API), and checks `scopes`.
-    pub async fn check_bearer(
+    /// `Authorization` header, whatever the mode (the token admin API).
+    pub async fn authenticate_bearer(
         &self,
         headers: &HeaderMap,
-        scopes: &[String],
         client_ip: &str,
-    ) -> Result<Decision, AuthFailure> {
-        let token = match credential::from_http(headers) {
-            Credential::Bearer { token, .. } => token,
-            other => {
-                let error = if other == Credential::None {
-                    AuthError::MissingToken
-                } else {
-                    AuthError::InvalidScheme
-                };
-                let failure = AuthFailure::bare(error);
-                self.record_failure("none", &failure, client_ip, None);
-                return Err(failure);
+    ) -> Result<Caller, AuthFailure> {
+        self.bearer(credential::from_http(headers), client_ip).await
+    }
+
+    async fn bearer(&self, credential: Credential, client_ip: &str) -> Result<Caller, AuthFailure> {
+        let error = match credential {
+            Credential::Bearer { token, .. } => {
+                let identity = self.authenticate(&token, client_ip).await?;
+                return Ok(Caller {
+                    identity,
+                    token: Some(token),
+                    skipped: false,
+                });
             }
+            Credential::None => AuthError::MissingToken,
+            Credential::BadScheme => AuthError::InvalidScheme,
         };
-        let identity = self.authenticate(&token, client_ip).await?;
-        crate::authz::authorize(&identity, scopes, None).map_err(|error| {
-            let failure = AuthFailure {
-                error,
-                identity: Some(identity.subject.clone()),
-                token_presented: true,
-            };
-            self.record_failure(identity.method.as_str(), &failure, client_ip, Some(&token));
-            failure
-        })?;
-        Ok(Decision {
-            identity,
-            token: Some(token),
-            skipped: false,
-        })
+        let failure = AuthFailure::bare(error);
+        failure::report(&self.metrics, "none", &failure, client_ip, None);
+        Err(failure)
     }
 
     /// What a token is, in the contract's order: bootstrap, service token, JWT.
@@ -324,7 +276,11 @@ impl Authenticator {
                 AuthMethod::Bootstrap => self.bootstrap_identity(client_ip),
                 // Service tokens are base64url and never contain a dot; JWTs always do.
                 AuthMethod::ServiceToken => self.service_token(token).await,
-                _ if self.jwt.has_sources() => self.jwt.verify(token, now_seconds()).await,
+                _ if self.jwt.has_sources() => {
+                    self.jwt
+                        .verify(token, crate::time::since_epoch().as_secs_f64())
+                        .await
+                }
                 _ => Err(AuthFailure::token(AuthError::InvalidToken)),
             }
         };
@@ -350,31 +306,15 @@ impl Authenticator {
                     tracing::debug!(method = method.as_str(), token_id = %identity.token_id, "authenticated");
                 }
             }
-            Err(failure) => self.record_failure(method.as_str(), failure, client_ip, Some(token)),
+            Err(failure) => failure::report(
+                &self.metrics,
+                method.as_str(),
+                failure,
+                client_ip,
+                Some(token),
+            ),
         }
         result
-    }
-
-    fn record_failure(
-        &self,
-        method: &str,
-        failure: &AuthFailure,
-        client_ip: &str,
-        token: Option<&str>,
-    ) {
-        let code = failure.error.code();
-        self.metrics
-            .auth_attempts
-            .with_label_values(&[method, "failure", code])
-            .inc();
-        tracing::warn!(
-            code,
-            method,
-            client_ip,
-            identity = failure.identity.as_deref().unwrap_or(""),
-            token_fingerprint = token.map(fingerprint).unwrap_or_default(),
-            "authentication failed"
-        );
     }
 
     fn is_bootstrap(&self, token: &str) -> bool {
@@ -444,31 +384,4 @@ impl Authenticator {
             expires_at: record.expires_at.map(|t| t.0),
         }))
     }
-}
-
-/// The workspace a request asks for, from the route's `workspace` source.
-fn requested_workspace(
-    matched: &RouteMatch<'_>,
-    headers: &HeaderMap,
-    query: Option<&str>,
-) -> Option<String> {
-    let source = matched.route.config.workspace.as_ref()?;
-    if let Some(param) = &source.path_param {
-        return matched.param(param).map(str::to_string);
-    }
-    if let Some(name) = &source.header {
-        return headers
-            .get(name.as_str())
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().to_string());
-    }
-    let name = source.query.as_ref()?;
-    credential::query_param(query, name)
-}
-
-fn now_seconds() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }

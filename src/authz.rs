@@ -1,8 +1,49 @@
-//! Authorization (contract §4.2): pure checks of an identity against a route's scopes and
-//! the workspace a request asks for.
+//! Authorization (contract §4.2): pure checks of an authenticated caller against a route's
+//! scopes and the workspace a request asks for.
+
+use http::HeaderMap;
 
 use crate::auth::failure::AuthError;
 use crate::auth::identity::Identity;
+use crate::auth::Caller;
+use crate::routing::RouteMatch;
+
+/// Whether `caller` may use the matched route: its scopes, and the workspace the request
+/// names through the route's `workspace` source. A caller whose authentication was skipped
+/// (disabled mode, public route) is not checked.
+pub fn authorize_route<T>(
+    caller: &Caller,
+    matched: &RouteMatch<'_, T>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<(), AuthError> {
+    if caller.skipped {
+        return Ok(());
+    }
+    let workspace = requested_workspace(matched, headers, query);
+    let scopes = &matched.route.config.scopes.0;
+    authorize(&caller.identity, scopes, workspace.as_deref())
+}
+
+/// The workspace a request asks for, from the route's `workspace` source.
+fn requested_workspace<T>(
+    matched: &RouteMatch<'_, T>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<String> {
+    let source = matched.route.config.workspace.as_ref()?;
+    if let Some(param) = &source.path_param {
+        return matched.param(param).map(str::to_string);
+    }
+    if let Some(name) = &source.header {
+        return headers
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string());
+    }
+    let name = source.query.as_ref()?;
+    crate::query::first(query, name)
+}
 
 /// Checks that `identity` holds every scope in `scopes` and may access `workspace`.
 /// An anonymous identity holds nothing, so it is told to authenticate (401) rather than

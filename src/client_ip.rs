@@ -14,13 +14,15 @@ use crate::proxy::headers::X_FORWARDED_FOR;
 /// loop, and the walk stops at the limit.
 const MAX_HOPS: usize = 32;
 
-fn trusted(ip: IpAddr, proxies: &[Cidr]) -> bool {
+/// Whether `ip` is one of the `trusted_proxies`: the one check of whether a peer's
+/// forwarding headers (and PROXY header) are believed.
+pub fn is_trusted(proxies: &[Cidr], ip: IpAddr) -> bool {
     proxies.iter().any(|net| net.contains(ip))
 }
 
 /// The client address of a request that arrived from `peer`.
 pub fn resolve(peer: IpAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpAddr {
-    if !trusted(peer, proxies) {
+    if !is_trusted(proxies, peer) {
         return peer;
     }
     let hops = forwarded_for(headers, &X_FORWARDED_FOR, parse_xff_entry)
@@ -30,7 +32,7 @@ pub fn resolve(peer: IpAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpAddr {
     // Walk from the nearest hop outwards; the first address not ours is the client.
     for hop in hops.iter().rev().take(MAX_HOPS) {
         match hop {
-            Some(ip) if trusted(*ip, proxies) => client = *ip,
+            Some(ip) if is_trusted(proxies, *ip) => client = *ip,
             Some(ip) => return *ip,
             // An unreadable entry (`unknown`, an obfuscated name, garbage) ends the walk:
             // nothing beyond it can be believed.

@@ -43,7 +43,7 @@ pub struct Config {
     /// Authentication: mode, JWT, bootstrap token, service tokens, failure limits.
     pub auth: Auth,
     /// What the upstream is told about the caller.
-    pub identity: Identity,
+    pub identity: IdentitySettings,
     /// The forward-auth decision endpoint for ingress controllers.
     pub forward_auth: ForwardAuth,
     /// The route table, matched in order; the first match wins.
@@ -401,7 +401,7 @@ impl Default for AuthRateLimit {
 /// What the upstream learns about the caller.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
-pub struct Identity {
+pub struct IdentitySettings {
     /// Names of the identity headers.
     pub headers: IdentityHeaders,
     /// Forward the credential to the upstream as `Authorization: Bearer …`.
@@ -410,9 +410,9 @@ pub struct Identity {
     pub assertion: Assertion,
 }
 
-impl Default for Identity {
+impl Default for IdentitySettings {
     fn default() -> Self {
-        Identity {
+        IdentitySettings {
             headers: IdentityHeaders::default(),
             forward_credentials: true,
             assertion: Assertion::default(),

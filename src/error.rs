@@ -53,6 +53,10 @@ pub enum GatewayError {
     /// The token store cannot be reached (admin API).
     #[error("service token store unavailable")]
     StoreUnavailable,
+    /// The gateway's own failure (a signing key that fails, a value it built that is not
+    /// valid): 500, never blamed on the upstream or the client.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// The JSON body of every gateway error: flat, and again under `detail` as Orcheo's
@@ -85,6 +89,7 @@ impl GatewayError {
             GatewayError::TokenConflict(_) => "token.conflict",
             GatewayError::TokenRevoked(_) => "token.revoked",
             GatewayError::StoreUnavailable => "auth.backend_unavailable",
+            GatewayError::Internal(_) => "internal",
             GatewayError::RateLimited(limited) => match limited.kind {
                 Kind::Ip => "auth.rate_limited.ip",
                 Kind::Identity => "auth.rate_limited.identity",
@@ -109,6 +114,7 @@ impl GatewayError {
             GatewayError::TokenNotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::TokenConflict(_) | GatewayError::TokenRevoked(_) => StatusCode::CONFLICT,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -131,6 +137,7 @@ impl GatewayError {
                 format!("Service token '{id}' has been revoked and cannot be rotated").into()
             }
             GatewayError::StoreUnavailable => "Service token store is unavailable".into(),
+            GatewayError::Internal(_) => "Internal gateway error".into(),
             GatewayError::RateLimited(limited) => match limited.kind {
                 Kind::Ip => format!(
                     "Too many authentication attempts from IP {}",

@@ -14,6 +14,8 @@
 //! - [`store`]: where service tokens live (the `TokenStore` trait).
 //! - [`routing`]: the route table and path normalisation.
 //! - [`proxy`]: upstream clients and header rewriting.
+//! - [`query`]: query strings as form parameters; credential parameters found, removed
+//!   and redacted the one way.
 //! - [`admin`]: health, readiness and metrics endpoints.
 //! - [`error`]: the error enum and the one mapping to status, JSON and headers.
 //! - [`metrics`], [`access_log`], [`logging`]: observability.
@@ -37,6 +39,7 @@ pub mod handler;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod query;
 pub mod ratelimit;
 pub mod routing;
 pub mod server;

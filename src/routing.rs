@@ -101,19 +101,22 @@ fn check_literal(piece: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A route ready for matching.
+/// A route ready for matching, holding `T`: what it forwards to, resolved once when the
+/// table is compiled (the gateway's upstream client), never looked up per request.
 #[derive(Debug, Clone)]
-pub struct CompiledRoute {
+pub struct CompiledRoute<T> {
     /// The route's name (metrics label and log field).
     pub name: String,
     /// The route as configured.
     pub config: Route,
+    /// Where the route forwards to.
+    pub target: T,
     pattern: Pattern,
     methods: Vec<Method>,
     strip: Vec<String>,
 }
 
-impl CompiledRoute {
+impl<T> CompiledRoute<T> {
     /// The path to send upstream: the normalised path without `strip_prefix`.
     pub fn upstream_path(&self, path: &NormalizedPath) -> String {
         let strips = path.segments.len() >= self.strip.len()
@@ -124,14 +127,14 @@ impl CompiledRoute {
 
 /// A successful match.
 #[derive(Debug)]
-pub struct RouteMatch<'a> {
+pub struct RouteMatch<'a, T> {
     /// The route.
-    pub route: &'a CompiledRoute,
+    pub route: &'a CompiledRoute<T>,
     /// Values of its `{param}` segments, decoded.
     pub params: Vec<(String, String)>,
 }
 
-impl RouteMatch<'_> {
+impl<T> RouteMatch<'_, T> {
     /// The value of a `{param}`.
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params
@@ -142,14 +145,18 @@ impl RouteMatch<'_> {
 }
 
 /// The compiled route table.
-#[derive(Debug, Clone, Default)]
-pub struct RouteTable {
-    routes: Vec<CompiledRoute>,
+#[derive(Debug, Clone)]
+pub struct RouteTable<T> {
+    routes: Vec<CompiledRoute<T>>,
 }
 
-impl RouteTable {
-    /// Compiles validated routes. Fails only on input that validation would have refused.
-    pub fn compile(routes: &[Route]) -> Result<Self, String> {
+impl<T> RouteTable<T> {
+    /// Compiles validated routes, resolving each one's target with `resolve`. Fails only
+    /// on input that validation would have refused.
+    pub fn compile(
+        routes: &[Route],
+        resolve: impl Fn(&Route) -> Result<T, String>,
+    ) -> Result<Self, String> {
         let compiled = routes
             .iter()
             .map(|route| {
@@ -171,6 +178,7 @@ impl RouteTable {
                 Ok(CompiledRoute {
                     name: config::route_name(route),
                     config: route.clone(),
+                    target: resolve(route)?,
                     pattern,
                     methods,
                     strip,
@@ -181,7 +189,7 @@ impl RouteTable {
     }
 
     /// The first route matching `method` and `path`.
-    pub fn find(&self, method: &Method, path: &NormalizedPath) -> Option<RouteMatch<'_>> {
+    pub fn find(&self, method: &Method, path: &NormalizedPath) -> Option<RouteMatch<'_, T>> {
         self.routes.iter().find_map(|route| {
             if !route.methods.is_empty() && !route.methods.contains(method) {
                 return None;

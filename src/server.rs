@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
+use crate::client_ip::is_trusted;
 use crate::config::Limits;
 use crate::conn::{stopped, ConnInfo, Lifecycle};
 use crate::state::Shared;
@@ -176,7 +177,8 @@ async fn connection<H: Handler>(
     if listener.proxy_protocol {
         match tokio::time::timeout(deadline, proxy_protocol::read_header(&mut stream)).await {
             Ok(Ok(source)) => {
-                let trusted = ctx.shared.snapshot().is_trusted(socket_peer.ip());
+                let snapshot = ctx.shared.snapshot();
+                let trusted = is_trusted(&snapshot.config.trusted_proxies, socket_peer.ip());
                 if let (Some(source), true) = (source, trusted) {
                     peer = source;
                 }

@@ -1,20 +1,19 @@
 //! Shared gateway state: the current configuration snapshot (swapped atomically on
 //! reload, loaded once per request) and the parts that live as long as the process.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::header::HeaderName;
 
 use crate::auth::assertion::AssertionSigner;
 use crate::auth::jwks::RemoteJwks;
 use crate::auth::Authenticator;
-use crate::config::{Cidr, Config, Env};
+use crate::config::{Config, Env};
 use crate::metrics::Metrics;
-use crate::proxy::UpstreamSet;
+use crate::proxy::headers::IdentityHeaderNames;
+use crate::proxy::{UpstreamClient, UpstreamSet};
 use crate::ratelimit::RateLimiter;
 use crate::routing::RouteTable;
 use crate::store::TokenStore;
@@ -28,17 +27,20 @@ pub struct Services {
     pub store: Arc<dyn TokenStore>,
 }
 
+/// The route table of a snapshot: each route holds its upstream client.
+pub type Routes = RouteTable<Arc<UpstreamClient>>;
+
 /// Everything derived from one configuration. Requests hold an `Arc` of it for their
 /// whole life, so a reload never changes the rules under a request in flight.
 pub struct Snapshot {
     /// The configuration itself.
     pub config: Arc<Config>,
-    /// The compiled route table.
-    pub routes: RouteTable,
-    /// Upstream clients.
+    /// The compiled route table, each route holding its upstream client.
+    pub routes: Routes,
+    /// Upstream clients, lent to the next snapshot when their settings stay the same.
     pub upstreams: UpstreamSet,
-    /// Inbound headers removed from every request: the identity headers and the assertion.
-    pub identity_headers: Vec<HeaderName>,
+    /// The identity header names: set for the upstream, stripped from every request.
+    pub identity_headers: IdentityHeaderNames,
     /// Authentication under this configuration.
     pub auth: Authenticator,
 }
@@ -50,7 +52,13 @@ impl Snapshot {
         services: &Services,
         previous: Option<&Snapshot>,
     ) -> Result<Self, String> {
-        let routes = RouteTable::compile(&config.routes)?;
+        let upstreams = UpstreamSet::build(&config, previous.map(|p| &p.upstreams))?;
+        let routes = RouteTable::compile(&config.routes, |route| {
+            upstreams
+                .get(&route.upstream)
+                .cloned()
+                .ok_or_else(|| format!("route names unknown upstream `{}`", route.upstream))
+        })?;
         let remote = remote_jwks(&config, services, previous)?;
         let auth = Authenticator::build(
             &config,
@@ -58,19 +66,7 @@ impl Snapshot {
             remote,
             services.metrics.clone(),
         )?;
-        let upstreams = UpstreamSet::build(&config, previous.map(|p| &p.upstreams))?;
-        let identity = &config.identity;
-        let identity_headers = identity
-            .headers
-            .all()
-            .iter()
-            .map(|(_, name)| *name)
-            .chain([identity.assertion.header.as_str()])
-            .map(|name| {
-                HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| format!("`{name}` is not a valid header name"))
-            })
-            .collect::<Result<_, _>>()?;
+        let identity_headers = IdentityHeaderNames::from_config(&config.identity)?;
         Ok(Snapshot {
             config: Arc::new(config),
             routes,
@@ -78,14 +74,6 @@ impl Snapshot {
             identity_headers,
             auth,
         })
-    }
-
-    /// Whether `ip` is inside `trusted_proxies`.
-    pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.config
-            .trusted_proxies
-            .iter()
-            .any(|net: &Cidr| net.contains(ip))
     }
 }
 

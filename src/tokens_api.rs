@@ -148,7 +148,7 @@ async fn create(
 }
 
 async fn list(store: &dyn TokenStore, query: Option<&str>) -> Result<Response<Body>, GatewayError> {
-    let wanted = crate::auth::credential::query_param(query, "status");
+    let wanted = crate::query::first(query, "status");
     if let Some(status) = wanted.as_deref() {
         if !["active", "expired", "revoked", "rotating"].contains(&status) {
             return Err(GatewayError::Unprocessable(

@@ -57,7 +57,7 @@ pub fn from_websocket(headers: &HeaderMap, query: Option<&str>) -> Credential {
         ("token", Source::QueryToken),
         ("access_token", Source::QueryAccessToken),
     ] {
-        if let Some(token) = query_param(query, name).filter(|t| !t.is_empty()) {
+        if let Some(token) = crate::query::credential(query, name).filter(|t| !t.is_empty()) {
             return Credential::Bearer { token, source };
         }
     }
@@ -96,38 +96,6 @@ pub fn subprotocol_token(headers: &HeaderMap) -> Option<String> {
         .map(str::trim)
         .find_map(|entry| entry.strip_prefix("bearer.").filter(|t| !t.is_empty()))
         .map(str::to_string)
-}
-
-/// The percent-decoded value of query parameter `name` (first occurrence).
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name).then(|| percent_decode(value))
-    })
-}
-
-fn percent_decode(text: &str) -> String {
-    let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
-            (b'%', Some(high), Some(low)) => {
-                out.push((high * 16 + low) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (byte, _, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

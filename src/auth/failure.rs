@@ -3,6 +3,8 @@
 
 use http::StatusCode;
 
+use crate::metrics::Metrics;
+
 /// Which token kind expired (each has its own message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expired {
@@ -154,4 +156,28 @@ impl AuthFailure {
             token_presented: false,
         }
     }
+}
+
+/// Counts a refusal and logs it with its code: one line per failure, naming the token
+/// only by its fingerprint.
+pub fn report(
+    metrics: &Metrics,
+    method: &str,
+    failure: &AuthFailure,
+    client_ip: &str,
+    token: Option<&str>,
+) {
+    let code = failure.error.code();
+    metrics
+        .auth_attempts
+        .with_label_values(&[method, "failure", code])
+        .inc();
+    tracing::warn!(
+        code,
+        method,
+        client_ip,
+        identity = failure.identity.as_deref().unwrap_or(""),
+        token_fingerprint = token.map(super::fingerprint).unwrap_or_default(),
+        "authentication failed"
+    );
 }

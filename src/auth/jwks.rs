@@ -4,7 +4,7 @@
 //! and served stale for up to a day while the endpoint fails.
 
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -249,9 +249,7 @@ impl RemoteJwks {
                     .with_label_values(&["success"])
                     .inc();
                 self.metrics.jwks_keys.set(count as i64);
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default();
+                let now = crate::time::since_epoch();
                 self.metrics.jwks_last_success.set(now.as_secs_f64());
                 tracing::info!(url = %self.url, keys = count, ttl_seconds = ttl.as_secs(), reason, "JWKS fetched");
                 Some(ttl)

@@ -5,6 +5,10 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::auth::identity::Identity;
+use crate::config;
+use crate::error::GatewayError;
+
 /// `X-Request-Id`.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `X-Forwarded-For`.
@@ -57,38 +61,89 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Removes every header in `names` (inbound identity headers must never reach the upstream).
-pub fn strip_named(headers: &mut HeaderMap, names: &[HeaderName]) {
-    for name in names {
+/// Removes the inbound identity headers: they must never reach the upstream.
+pub fn strip_identity(headers: &mut HeaderMap, names: &IdentityHeaderNames) {
+    for name in names.all() {
         headers.remove(name);
     }
 }
 
-/// Sets the identity headers. `names` are, in order: subject, identity type, token id,
-/// scopes, workspaces, auth method (then the assertion header, not set here). An
-/// anonymous identity gets only the type and the method.
+/// The names of the identity headers (contract §5), one field per header.
+#[derive(Debug, Clone)]
+pub struct IdentityHeaderNames {
+    /// The subject.
+    pub subject: HeaderName,
+    /// `user`, `service` or `anonymous`.
+    pub identity_type: HeaderName,
+    /// The token id.
+    pub token_id: HeaderName,
+    /// The scopes.
+    pub scopes: HeaderName,
+    /// The workspaces.
+    pub workspaces: HeaderName,
+    /// The authentication method.
+    pub auth_method: HeaderName,
+    /// The signed identity assertion.
+    pub assertion: HeaderName,
+}
+
+impl IdentityHeaderNames {
+    /// The names `identity` configures (already validated).
+    pub fn from_config(identity: &config::IdentitySettings) -> Result<Self, String> {
+        let name = |text: &str| {
+            HeaderName::from_bytes(text.as_bytes())
+                .map_err(|_| format!("`{text}` is not a valid header name"))
+        };
+        let headers = &identity.headers;
+        Ok(IdentityHeaderNames {
+            subject: name(&headers.subject)?,
+            identity_type: name(&headers.identity_type)?,
+            token_id: name(&headers.token_id)?,
+            scopes: name(&headers.scopes)?,
+            workspaces: name(&headers.workspaces)?,
+            auth_method: name(&headers.auth_method)?,
+            assertion: name(&identity.assertion.header)?,
+        })
+    }
+
+    /// Every name: what is stripped from inbound requests.
+    pub fn all(&self) -> [&HeaderName; 7] {
+        [
+            &self.subject,
+            &self.identity_type,
+            &self.token_id,
+            &self.scopes,
+            &self.workspaces,
+            &self.auth_method,
+            &self.assertion,
+        ]
+    }
+}
+
+/// Sets the identity headers (all but the assertion). An anonymous identity gets only the
+/// type and the method. A value that cannot be a header value fails the request: an
+/// upstream must never see a request whose identity silently lost a header.
 pub fn set_identity(
     headers: &mut HeaderMap,
-    names: &[HeaderName],
-    identity: &crate::auth::identity::Identity,
-) {
-    let [subject, kind, token_id, scopes, workspaces, method, ..] = names else {
-        return;
-    };
+    names: &IdentityHeaderNames,
+    identity: &Identity,
+) -> Result<(), GatewayError> {
     let mut set = |name: &HeaderName, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name.clone(), value);
-        }
+        let value = HeaderValue::from_str(value).map_err(|_| {
+            GatewayError::Internal(format!("identity header `{name}` cannot carry its value"))
+        })?;
+        headers.insert(name.clone(), value);
+        Ok::<(), GatewayError>(())
     };
-    set(kind, identity.identity_type.as_str());
-    set(method, identity.method.as_str());
+    set(&names.identity_type, identity.identity_type.as_str())?;
+    set(&names.auth_method, identity.method.as_str())?;
     if identity.is_anonymous() {
-        return;
+        return Ok(());
     }
-    set(subject, &identity.subject);
-    set(token_id, &identity.token_id);
-    set(scopes, &identity.scopes_header());
-    set(workspaces, &identity.workspaces.header_value());
+    set(&names.subject, &identity.subject)?;
+    set(&names.token_id, &identity.token_id)?;
+    set(&names.scopes, &identity.scopes_header())?;
+    set(&names.workspaces, &identity.workspaces.header_value())
 }
 
 /// What the forwarding headers are built from.

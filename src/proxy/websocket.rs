@@ -76,33 +76,21 @@ fn subprotocols(request: &Request<Incoming>) -> Offer {
     offer
 }
 
-/// The query without the credential parameters `token` and `access_token`.
-pub fn strip_credential_params(query: Option<&str>) -> Option<String> {
-    let kept: Vec<&str> = query?
-        .split('&')
-        .filter(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            !pair.is_empty() && name != "token" && name != "access_token"
-        })
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("&"))
-}
-
-/// What the relay needs to know about the connection's credential.
-pub struct Credential {
+/// What the relay watches of the connection's credential, to end the connection with it.
+pub struct WatchedCredential {
     /// The caller.
     pub identity: Arc<Identity>,
     /// The service token's hash, to re-check it when the store changes.
     pub service_token_hash: Option<String>,
 }
 
-impl Credential {
+impl WatchedCredential {
     /// The credential of an authenticated identity (and its token, if any).
     pub fn new(identity: Arc<Identity>, token: Option<&str>) -> Self {
         let service_token_hash = (identity.method == AuthMethod::ServiceToken)
             .then(|| token.map(hash_secret))
             .flatten();
-        Credential {
+        WatchedCredential {
             identity,
             service_token_hash,
         }
@@ -148,7 +136,7 @@ pub async fn proxy<S>(
     upstream_uri: Uri,
     stream: S,
     timeout: Duration,
-    credential: Credential,
+    credential: WatchedCredential,
     settings: RelaySettings,
 ) -> Result<Response<Body>, GatewayError>
 where
@@ -336,7 +324,7 @@ async fn recheck(store: &dyn TokenStore, hash: &str) -> Result<Option<i64>, Endi
 async fn relay<C, U>(
     mut client: WebSocketStream<C>,
     mut upstream: WebSocketStream<U>,
-    credential: Credential,
+    credential: WatchedCredential,
     settings: RelaySettings,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,

@@ -35,7 +35,6 @@ if mode == 'record' or (mode == 'acquire' and count < limit) then
     redis.call('ZREMRANGEBYRANK', key, 0, count - limit - 1)
     count = limit
   end
-  if mode == 'acquire' then return {0, 0} end
   return {0, 0}
 end
 if count >= limit then
@@ -79,10 +78,7 @@ pub struct RedisWindows {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::time::since_epoch().as_millis() as u64
 }
 
 impl RedisWindows {

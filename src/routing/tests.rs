@@ -11,12 +11,12 @@ fn route(name: &str, path: &str, methods: &[&str]) -> Route {
     serde_yaml::from_str(&yaml).unwrap()
 }
 
-fn table(routes: &[Route]) -> RouteTable {
-    RouteTable::compile(routes).unwrap()
+fn table(routes: &[Route]) -> RouteTable<String> {
+    RouteTable::compile(routes, |route| Ok(route.upstream.clone())).unwrap()
 }
 
 fn find<'a>(
-    table: &'a RouteTable,
+    table: &'a RouteTable<String>,
     method: Method,
     raw: &str,
 ) -> Option<(&'a str, Vec<(String, String)>)> {
