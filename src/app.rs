@@ -112,10 +112,9 @@ impl Gateway {
             &config.tls.key_file,
             config.listen.https.is_empty(),
         ) {
-            (Some(cert), Some(key), false) => Some(
-                CertStore::load(cert, key, metrics.tls_not_after.clone())
-                    .map_err(StartError::Tls)?,
-            ),
+            (Some(cert), Some(key), false) => {
+                Some(CertStore::load(cert, key, &metrics).map_err(StartError::Tls)?)
+            }
             _ => None,
         };
         let listeners = bind_all(&config, certs.as_ref()).await?;
@@ -181,9 +180,12 @@ impl Gateway {
     }
 
     /// Re-reads the configuration from its sources and applies it, or refuses it and
-    /// keeps the current one.
-    pub fn reload(&self) -> Result<(), String> {
-        reload(&self.shared)
+    /// keeps the current one. The work runs on the blocking pool.
+    pub async fn reload(&self) -> Result<(), String> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || reload(&shared))
+            .await
+            .map_err(|error| format!("reload did not finish: {error}"))?
     }
 
     /// Stops accepting, lets in-flight requests finish within `limits.shutdown_grace`,
@@ -418,22 +420,42 @@ mod erased {
     }
 }
 
-/// Polls the configuration file and the certificate files; reloads what changed.
+/// Polls the configuration file and the certificate files; reloads what changed. File
+/// reads, parsing and certificate loading run on the blocking pool, never on the workers
+/// that serve requests.
 async fn watch_files(shared: Arc<Shared>, certs: Option<Arc<CertStore>>) {
-    let path = shared.source.path.clone();
-    let stamp_of = |path: &Option<PathBuf>| path.as_deref().map(|p| FileStamp::of(&[p]));
-    let mut last = stamp_of(&path);
+    let mut last = stamp_of(&shared);
     let mut ticker = tokio::time::interval(WATCH_INTERVAL);
     loop {
         ticker.tick().await;
-        if let Some(certs) = &certs {
-            certs.reload_if_changed();
-        }
-        let stamp = stamp_of(&path);
-        if stamp != last {
-            last = stamp;
-            tracing::info!("configuration file changed; reloading");
-            let _ = reload(&shared);
+        let (shared, certs, seen) = (shared.clone(), certs.clone(), last.clone());
+        let check =
+            tokio::task::spawn_blocking(move || check_files(&shared, certs.as_deref(), seen));
+        match check.await {
+            Ok(stamp) => last = stamp,
+            Err(error) => tracing::error!(%error, "checking the configuration files failed"),
         }
     }
+}
+
+/// One look at the watched files: reloads the certificate and the configuration when they
+/// changed since `last`; returns the configuration file's stamp now.
+fn check_files(
+    shared: &Shared,
+    certs: Option<&CertStore>,
+    last: Option<FileStamp>,
+) -> Option<FileStamp> {
+    if let Some(certs) = certs {
+        certs.reload_if_changed();
+    }
+    let stamp = stamp_of(shared);
+    if stamp != last {
+        tracing::info!("configuration file changed; reloading");
+        let _ = reload(shared);
+    }
+    stamp
+}
+
+fn stamp_of(shared: &Shared) -> Option<FileStamp> {
+    shared.source.path.as_deref().map(|p| FileStamp::of(&[p]))
 }

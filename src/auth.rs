@@ -116,7 +116,8 @@ impl Authenticator {
             None => keys::KeySet::default(),
         };
         let secret = auth.jwt.secret.as_ref().map(|s| s.expose().as_bytes());
-        let jwt = JwtVerifier::new(settings, secret, static_keys, remote, TOKEN_CACHE_CAPACITY)?;
+        let jwt = JwtVerifier::new(settings, secret, static_keys, remote, TOKEN_CACHE_CAPACITY)?
+            .counting_signatures(metrics.jwt_signature_checks.clone());
         let bootstrap = auth
             .bootstrap
             .token

@@ -162,7 +162,7 @@ async fn wait_for_signals(gateway: &Gateway) -> std::io::Result<()> {
             _ = interrupt.recv() => return Ok(()),
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                let _ = gateway.reload();
+                let _ = gateway.reload().await;
             }
         }
     }

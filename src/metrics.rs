@@ -55,6 +55,11 @@ pub struct Metrics {
     pub websocket_closed: IntCounterVec,
     /// `token_store_errors_total`: service-token store calls that failed.
     pub token_store_errors: prometheus::IntCounter,
+    /// `jwt_signature_checks_total`: JWT signatures checked cryptographically (tokens
+    /// answered from the verified-token cache are not counted).
+    pub jwt_signature_checks: prometheus::IntCounter,
+    /// `tls_reloads_total{result}`: certificate reloads after a file change.
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -170,8 +175,23 @@ impl Metrics {
             "Service-token store calls that failed",
         )
         .expect("valid metric");
+        let jwt_signature_checks = prometheus::IntCounter::new(
+            "jwt_signature_checks_total",
+            "JWT signatures checked cryptographically (verified-token cache hits excluded)",
+        )
+        .expect("valid metric");
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "tls_reloads_total",
+                "TLS certificate reloads after a file change, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(token_store_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(jwt_signature_checks.clone()),
+            Box::new(tls_reloads.clone()),
             Box::new(websocket_connections.clone()),
             Box::new(websocket_messages.clone()),
             Box::new(websocket_closed.clone()),
@@ -199,6 +219,7 @@ impl Metrics {
             .set(1);
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
+            tls_reloads.with_label_values(&[result]);
             jwks_refresh.with_label_values(&[result]);
         }
         Metrics {
@@ -221,12 +242,9 @@ impl Metrics {
             websocket_messages,
             websocket_closed,
             token_store_errors,
+            jwt_signature_checks,
+            tls_reloads,
         }
-    }
-
-    /// The registry, for metrics added by other parts of the gateway.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// The Prometheus text exposition of every metric.

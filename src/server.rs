@@ -99,6 +99,12 @@ impl Listener {
     }
 }
 
+/// What a connection needs of the listener that accepted it.
+struct Accepted {
+    tls: Option<TlsAcceptor>,
+    proxy_protocol: bool,
+}
+
 /// What every connection task needs.
 #[derive(Clone)]
 pub struct ServerContext {
@@ -114,12 +120,24 @@ pub struct ServerContext {
 
 /// Accepts connections on `listener` until shutdown; `handler` answers their requests.
 pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Arc<H>) {
-    let permits = match listener.role {
+    let Listener {
+        tcp,
+        role,
+        tls,
+        proxy_protocol,
+    } = listener;
+    let permits = match role {
         Role::Proxy => ctx.limits.max_connections,
         Role::Admin => ADMIN_MAX_CONNECTIONS,
     };
     let semaphore = Arc::new(Semaphore::new(permits));
-    let listener = Arc::new(listener);
+    // Connections hold only what they need of the listener, not its socket: when this
+    // loop ends the socket closes at once, so a draining gateway refuses new clients
+    // instead of leaving them in the backlog.
+    let accepted_on = Arc::new(Accepted {
+        tls,
+        proxy_protocol,
+    });
     let mut shutdown = ctx.shutdown.clone();
     loop {
         // The permit is taken before accepting: at the limit, new connections wait in
@@ -133,7 +151,7 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
         };
         let (stream, socket_peer) = tokio::select! {
             _ = stopped(&mut shutdown) => break,
-            accepted = listener.tcp.accept() => match accepted {
+            accepted = tcp.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "accept failed; backing off");
@@ -142,12 +160,12 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
                 }
             },
         };
-        let listener = listener.clone();
+        let accepted_on = accepted_on.clone();
         let ctx = ctx.clone();
         let handler = handler.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            connection(stream, socket_peer, &listener, ctx, handler).await;
+            connection(stream, socket_peer, &accepted_on, ctx, handler).await;
         });
     }
 }
@@ -164,7 +182,7 @@ impl Drop for OpenGuard {
 async fn connection<H: Handler>(
     mut stream: TcpStream,
     socket_peer: SocketAddr,
-    listener: &Listener,
+    listener: &Accepted,
     ctx: ServerContext,
     handler: Arc<H>,
 ) {

@@ -160,7 +160,11 @@ async fn certificate_reload_is_picked_up_by_new_handshakes_only() {
 
     // A broken pair is refused and the first certificate keeps serving.
     std::fs::write(dir.join("key.pem"), "not a key").unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let failure = r#"orcheo_gateway_tls_reloads_total{result="failure"}"#;
+    let refused = gw
+        .wait_for_metric(failure, 1.0, Duration::from_secs(10))
+        .await;
+    assert!(refused, "the broken pair was never looked at");
     assert_eq!(
         leaf_of(&handshake(addr, &root, b"http/1.1").await),
         first_der
@@ -168,11 +172,16 @@ async fn certificate_reload_is_picked_up_by_new_handshakes_only() {
 
     let (chain, key, second_der) = leaf(&ca, "second", 2036);
     write_pair(&dir, &chain, &key);
-    let reloaded = eventually(Duration::from_secs(5), || async {
-        leaf_of(&handshake(addr, &root, b"http/1.1").await) == second_der
-    })
-    .await;
-    assert!(reloaded, "a new handshake never saw the new certificate");
+    let success = r#"orcheo_gateway_tls_reloads_total{result="success"}"#;
+    let reloaded = gw
+        .wait_for_metric(success, 1.0, Duration::from_secs(10))
+        .await;
+    assert!(reloaded, "the new pair was never installed");
+    assert_eq!(
+        leaf_of(&handshake(addr, &root, b"http/1.1").await),
+        second_der,
+        "a new handshake gets the new certificate"
+    );
 
     // The connection opened before the reload still works.
     let (status, _, _) = collect(

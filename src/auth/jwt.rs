@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey};
+use prometheus::IntCounter;
 use serde_json::{Map, Value};
 
 use super::b64url;
@@ -186,6 +187,7 @@ pub struct JwtVerifier {
     static_keys: KeySet,
     remote: Option<Arc<RemoteJwks>>,
     cache: TokenCache,
+    signature_checks: IntCounter,
 }
 
 fn is_hmac(alg: Algorithm) -> bool {
@@ -210,7 +212,15 @@ impl JwtVerifier {
             static_keys,
             remote,
             cache: TokenCache::new(cache_capacity),
+            signature_checks: IntCounter::new("jwt_signature_checks", "unregistered")
+                .map_err(|e| e.to_string())?,
         })
+    }
+
+    /// Counts every cryptographic signature check on `counter` (the gateway's metric).
+    pub fn counting_signatures(mut self, counter: IntCounter) -> Self {
+        self.signature_checks = counter;
+        self
     }
 
     /// Whether any key source is configured (JWTs are tried at all).
@@ -233,6 +243,7 @@ impl JwtVerifier {
 
     async fn verify_parsed(&self, parsed: &Parsed<'_>) -> Result<(), AuthError> {
         let key = self.key_for(parsed).await?;
+        self.signature_checks.inc();
         let verified = jsonwebtoken::crypto::verify(
             parsed.signature,
             parsed.signing_input.as_bytes(),

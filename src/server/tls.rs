@@ -16,6 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::files::FileStamp;
+use crate::metrics::Metrics;
 
 mod x509;
 
@@ -27,6 +28,7 @@ pub struct CertStore {
     stamp: std::sync::Mutex<FileStamp>,
     provider: Arc<CryptoProvider>,
     not_after: prometheus::Gauge,
+    reloads: prometheus::IntCounterVec,
 }
 
 impl fmt::Debug for CertStore {
@@ -39,11 +41,8 @@ impl fmt::Debug for CertStore {
 
 impl CertStore {
     /// Loads the certificate and key; fails with a message naming the bad file.
-    pub fn load(
-        cert_file: &Path,
-        key_file: &Path,
-        not_after: prometheus::Gauge,
-    ) -> Result<Arc<Self>, String> {
+    pub fn load(cert_file: &Path, key_file: &Path, metrics: &Metrics) -> Result<Arc<Self>, String> {
+        let not_after = metrics.tls_not_after.clone();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let stamp = FileStamp::of(&[cert_file, key_file]);
         let (key, expiry) = load_key(&provider, cert_file, key_file)?;
@@ -55,6 +54,7 @@ impl CertStore {
             stamp: std::sync::Mutex::new(stamp),
             provider,
             not_after,
+            reloads: metrics.tls_reloads.clone(),
         }))
     }
 
@@ -74,10 +74,12 @@ impl CertStore {
             Ok((key, expiry)) => {
                 self.current.store(Arc::new(key));
                 self.not_after.set(expiry as f64);
+                self.reloads.with_label_values(&["success"]).inc();
                 tracing::info!(cert_file = %self.cert_file.display(), not_after = expiry, "TLS certificate reloaded");
                 true
             }
             Err(error) => {
+                self.reloads.with_label_values(&["failure"]).inc();
                 tracing::error!(%error, "TLS certificate reload failed; the previous certificate keeps serving");
                 false
             }

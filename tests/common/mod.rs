@@ -70,6 +70,69 @@ where
     Upstream { addr, task }
 }
 
+/// What a test learns from a gated upstream: each held request's arrival, and the
+/// switch that lets held requests answer.
+pub struct Gate {
+    pub arrived: tokio::sync::mpsc::UnboundedReceiver<String>,
+    opened: std::sync::Arc<(std::sync::atomic::AtomicBool, tokio::sync::Notify)>,
+}
+
+impl Gate {
+    /// Waits until a request has reached the upstream (and is held there); its path.
+    pub async fn wait_arrival(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(10), self.arrived.recv())
+            .await
+            .expect("a request reached the upstream in time")
+            .expect("the upstream is alive")
+    }
+
+    /// Lets every held request, and every later one, answer.
+    pub fn open(&self) {
+        self.opened
+            .0
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.opened.1.notify_waiters();
+    }
+}
+
+/// An upstream that holds every request whose path starts with `held` until the gate is
+/// opened, then answers `answer`, and reports each held request's arrival; other paths
+/// answer at once. Tests learn that a request is in flight from the upstream itself.
+pub async fn gated_upstream(held: &'static str, answer: &'static str) -> (Upstream, Gate) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let opened = std::sync::Arc::new((
+        std::sync::atomic::AtomicBool::new(false),
+        tokio::sync::Notify::new(),
+    ));
+    let gate = opened.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let (tx, opened) = (tx.clone(), opened.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            if path.starts_with(held) {
+                let released = opened.1.notified();
+                tokio::pin!(released);
+                // Registered before the flag is read, so an `open` in between is not lost.
+                released.as_mut().enable();
+                if !opened.0.load(SeqCst) {
+                    let _ = tx.send(path);
+                    released.await;
+                }
+            }
+            Response::new(body::full(answer))
+        }
+    })
+    .await;
+    (
+        up,
+        Gate {
+            arrived,
+            opened: gate,
+        },
+    )
+}
+
 /// An upstream that answers with JSON describing the request it received.
 pub async fn echo_upstream() -> Upstream {
     upstream(|req: Request<Incoming>| async move {
@@ -123,8 +186,13 @@ impl TestGateway {
     }
 
     pub async fn metrics(&self) -> String {
-        let (_, _, body) = get(self.admin, "/metrics").await;
-        String::from_utf8(body.to_vec()).unwrap()
+        metrics_of(self.admin).await
+    }
+
+    /// Waits until the series `series` reads at least `at_least` (the observable event a
+    /// test waits for, instead of sleeping); false if `limit` passes first.
+    pub async fn wait_for_metric(&self, series: &str, at_least: f64, limit: Duration) -> bool {
+        wait_for_metric(self.admin, series, at_least, limit).await
     }
 }
 
@@ -333,6 +401,26 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// The Prometheus text of the admin listener at `admin`.
+pub async fn metrics_of(admin: SocketAddr) -> String {
+    let (_, _, body) = get(admin, "/metrics").await;
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// Waits until the series `series` on the admin listener at `admin` reads at least
+/// `at_least`; false if `limit` passes first.
+pub async fn wait_for_metric(
+    admin: SocketAddr,
+    series: &str,
+    at_least: f64,
+    limit: Duration,
+) -> bool {
+    eventually(limit, || async {
+        metric_value(&metrics_of(admin).await, series).is_some_and(|v| v >= at_least)
+    })
+    .await
 }
 
 /// The value of one series in Prometheus text, e.g. `name{label="x"}`.
