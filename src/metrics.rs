@@ -31,8 +31,6 @@ pub struct Metrics {
     pub tls_not_after: Gauge,
     /// `open_connections`: client connections currently open.
     pub open_connections: IntGauge,
-    /// `build_info{version}`.
-    pub build_info: IntGaugeVec,
     /// `auth_attempts_total{method,result,code}`.
     pub auth_attempts: IntCounterVec,
     /// `auth_enforced`: 1 when authentication is enforced.
@@ -230,7 +228,6 @@ impl Metrics {
             config_reloads,
             tls_not_after,
             open_connections,
-            build_info,
             auth_attempts,
             auth_enforced,
             jwks_refresh,

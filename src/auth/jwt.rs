@@ -236,9 +236,15 @@ impl JwtVerifier {
     /// Checks the shape, header, algorithm, key and signature of a compact JWS, and
     /// returns its decoded payload. No claim is looked at.
     pub async fn verify_jws(&self, token: &str) -> Result<Vec<u8>, AuthError> {
+        let parsed = self.check_signature(token).await?;
+        b64url::decode(parsed.payload).ok_or(AuthError::InvalidToken)
+    }
+
+    /// The shape, header, algorithm, key and signature checks every token goes through.
+    async fn check_signature<'t>(&self, token: &'t str) -> Result<Parsed<'t>, AuthError> {
         let parsed = parse(token, &self.settings.allowed)?;
         self.verify_parsed(&parsed).await?;
-        b64url::decode(parsed.payload).ok_or(AuthError::InvalidToken)
+        Ok(parsed)
     }
 
     async fn verify_parsed(&self, parsed: &Parsed<'_>) -> Result<(), AuthError> {
@@ -265,11 +271,11 @@ impl JwtVerifier {
         if let Some(identity) = self.cache.get(token, now, |kid| self.still_known(kid)) {
             return Ok(identity);
         }
-        let parsed = parse(token, &self.settings.allowed).map_err(AuthFailure::token)?;
-        let leeway = self.settings.leeway;
-        self.verify_parsed(&parsed)
+        let parsed = self
+            .check_signature(token)
             .await
             .map_err(AuthFailure::token)?;
+        let leeway = self.settings.leeway;
         let claims =
             decode_object(parsed.payload).ok_or(AuthFailure::token(AuthError::InvalidToken))?;
         let expires_at = validate_claims(&claims, &self.settings, now)?;
