@@ -2,24 +2,35 @@
 //! any HTTP or WebSocket service.
 //!
 //! # Layout
-//! - [`cli`]: the command line (`serve`, `check-config`).
-//! - [`app`]: wire-up — configuration → state → listeners → watchers → drain.
+//! One request, in order: [`server`] accepts it and fills in [`conn`]; [`handler`] runs
+//! the pipeline — [`client_ip`] → [`routing`] → [`auth`] → [`authz`] → [`ratelimit`] →
+//! [`proxy`] — against the [`state`] snapshot; [`error`] turns any failure into its
+//! response; [`access_log`] and [`metrics`] record it.
+//!
+//! - [`cli`]: the command line (`serve`, `check-config`, `demo`, `token`).
+//! - [`app`]: wire-up — configuration → state → listeners (each given its handler) →
+//!   watchers → drain.
 //! - [`config`]: `gateway.yaml` and environment, parsed into validated types.
-//! - [`conn`]: what a request knows of its connection, and how long-lived work ends.
 //! - [`server`]: accept loop, connection limits, TLS with certificate reload, PROXY
-//!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts.
-//! - [`handler`]: the request pipeline, one screen long.
-//! - [`auth`]: credential extraction, JWT and JWKS, bootstrap and service tokens → identity.
-//! - [`authz`]: scopes and workspaces, pure functions of identity and route.
-//! - [`store`]: where service tokens live (the `TokenStore` trait).
+//!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts; knows nothing of what it serves.
+//! - [`conn`]: what a request knows of its connection, and how long-lived work ends.
+//! - [`handler`]: THE request pipeline, and `decide`, the part every way of asking shares.
+//! - [`client_ip`]: the client's address behind trusted proxies; the one trusted-peer check.
 //! - [`routing`]: the route table and path normalisation.
-//! - [`proxy`]: upstream clients and header rewriting.
+//! - [`auth`]: credential extraction, JWT and JWKS, bootstrap and service tokens → caller.
+//! - [`authz`]: scopes and workspaces, pure functions of the caller and the route.
+//! - [`ratelimit`]: sliding windows for failures and route rates, optionally in Redis.
+//! - [`proxy`]: upstream clients, header rewriting, the WebSocket relay.
 //! - [`query`]: query strings as form parameters; credential parameters found, removed
 //!   and redacted the one way.
+//! - [`store`]: where service tokens live (the `TokenStore` trait) and its cache.
+//! - [`tokens`], [`tokens_api`]: the service-token lifecycle and its admin API.
 //! - [`admin`]: health, readiness and metrics endpoints.
 //! - [`error`]: the error enum and the one mapping to status, JSON and headers.
-//! - [`metrics`], [`access_log`], [`logging`]: observability.
 //! - [`state`]: the configuration snapshot shared by requests, swapped on reload.
+//! - [`metrics`], [`access_log`], [`logging`]: observability.
+//! - [`body`], [`files`], [`time`]: the response body type, file watching, the clock and
+//!   timestamps.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
