@@ -85,6 +85,54 @@ pub struct Change {
     pub audit: Vec<AuditEvent>,
 }
 
+impl Change {
+    /// What this change does to tokens, for the caches and connections that hold them.
+    pub fn token_changes(&self) -> Vec<StoreChange> {
+        let created = self.insert.iter().map(|r| TokenChange::of(r, true));
+        let updated = self.update.iter().map(|r| TokenChange::of(r, false));
+        updated.chain(created).map(StoreChange::Token).collect()
+    }
+}
+
+/// One token's new state, as far as authentication needs it: enough to refuse a revoked
+/// or rotated-out token at once, without asking the store again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenChange {
+    /// The token id.
+    pub identifier: String,
+    /// SHA-256 of its secret.
+    pub secret_hash: String,
+    /// When it expires now (a rotation brings this forward).
+    pub expires_at: Option<Timestamp>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<Timestamp>,
+    /// A token that did not exist before: secrets remembered as unknown are forgotten.
+    pub created: bool,
+}
+
+impl TokenChange {
+    /// The change that `record` (new when `created`) makes.
+    pub fn of(record: &TokenRecord, created: bool) -> Self {
+        TokenChange {
+            identifier: record.identifier.clone(),
+            secret_hash: record.secret_hash.clone(),
+            expires_at: record.expires_at,
+            revoked_at: record.revoked_at,
+            created,
+        }
+    }
+}
+
+/// What a store tells its subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    /// One named token changed.
+    Token(TokenChange),
+    /// Tokens may have changed in ways the store cannot name (another program wrote to the
+    /// database, notifications may have been lost): cached answers are asked for again.
+    Unknown,
+}
+
 /// Why a write failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -123,9 +171,9 @@ pub trait TokenStore: Send + Sync {
     /// A name for logs and readiness.
     fn backend(&self) -> &'static str;
 
-    /// Notifications that tokens changed (revoked, rotated, expiry moved), so holders of
-    /// long-lived connections can re-check their token.
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()>;
+    /// Notifications that tokens changed (created, revoked, rotated, expiry moved), so
+    /// caches and long-lived connections apply exactly that change.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<StoreChange>;
 
     /// The token with id `identifier`.
     fn get<'a>(
@@ -174,15 +222,15 @@ pub struct Usage {
 }
 
 /// Room for change notifications not yet seen by a slow subscriber; a subscriber that
-/// falls further behind is told it lagged and re-checks anyway.
-const CHANGE_BACKLOG: usize = 16;
+/// falls further behind is told it lagged and treats that as an unknown change.
+pub const CHANGE_BACKLOG: usize = 256;
 
 /// Tokens in memory, for tests and `demo`.
 pub struct MemoryStore {
     // A std RwLock: held only for map operations, never across an await.
     tokens: RwLock<HashMap<String, TokenRecord>>,
     audit: RwLock<Vec<AuditEvent>>,
-    changes: tokio::sync::broadcast::Sender<()>,
+    changes: tokio::sync::broadcast::Sender<StoreChange>,
 }
 
 impl Default for MemoryStore {
@@ -203,11 +251,12 @@ impl MemoryStore {
 
     /// Adds or replaces a token, and tells subscribers.
     pub fn put(&self, record: TokenRecord) {
+        let change = TokenChange::of(&record, true);
         {
             let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
             tokens.insert(record.secret_hash.clone(), record);
         }
-        let _ = self.changes.send(());
+        let _ = self.changes.send(StoreChange::Token(change));
     }
 }
 
@@ -238,7 +287,7 @@ impl TokenStore for MemoryStore {
         "memory"
     }
 
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<StoreChange> {
         self.changes.subscribe()
     }
 
@@ -271,6 +320,7 @@ impl TokenStore for MemoryStore {
     }
 
     fn write(&self, change: Change) -> BoxFuture<'_, Result<(), WriteError>> {
+        let changes = change.token_changes();
         let result = (|| {
             let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
             if let Some(new) = &change.insert {
@@ -292,7 +342,9 @@ impl TokenStore for MemoryStore {
             Ok(())
         })();
         if result.is_ok() {
-            let _ = self.changes.send(());
+            for change in changes {
+                let _ = self.changes.send(change);
+            }
         }
         Box::pin(async move { result })
     }

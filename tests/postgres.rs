@@ -311,3 +311,271 @@ async fn killed_connections_and_a_missing_table_are_survived() {
     drop(client);
     drop_database(&admin, &dsn).await;
 }
+
+/// `token_store_errors_total` of a gateway.
+async fn store_errors(gw: &Gateway) -> f64 {
+    let metrics = metrics_of(gw.addresses.admin.unwrap()).await;
+    metric_value(&metrics, "orcheo_gateway_token_store_errors_total").unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_revocation_is_honoured_while_the_store_is_down_and_spares_the_others() {
+    let Some((admin, dsn)) = database("failclosed").await else {
+        return;
+    };
+    let up = echo_upstream().await;
+    let a = gateway_on(&dsn, &up).await;
+    let b = gateway_on(&dsn, &up).await;
+    let b_http = b.addresses.http[0];
+    let revoked = create(&a, "to-revoke").await;
+    let rotated = create(&a, "to-rotate").await;
+    let kept = create(&a, "kept").await;
+    for secret in [&revoked, &rotated, &kept] {
+        assert_eq!(
+            call(b_http, "/x", &[("authorization", secret)]).await.0,
+            StatusCode::OK
+        );
+    }
+    // Replica A revokes one token and rotates another with no overlap; the table goes
+    // away before replica B asks the database about either of them again.
+    let (status, _) = api(
+        &a,
+        Method::DELETE,
+        &format!("{BASE}/to-revoke"),
+        Some(json!({"reason": "leaked"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = api(
+        &a,
+        Method::POST,
+        &format!("{BASE}/to-rotate/rotate"),
+        Some(json!({"overlap_seconds": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let client = db_client(&dsn).await;
+    client
+        .batch_execute("ALTER TABLE service_tokens RENAME TO service_tokens_away")
+        .await
+        .unwrap();
+    let errors_before = store_errors(&b).await;
+    let refused = eventually(Duration::from_secs(3), || async {
+        call(b_http, "/x", &[("authorization", &revoked)]).await.2["code"] == "auth.token_revoked"
+    })
+    .await;
+    assert!(
+        refused,
+        "a revoked token was served from the cache during the outage"
+    );
+    let (status, _, body) = call(b_http, "/x", &[("authorization", &rotated)]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("auth.token_expired")),
+        "a rotated-out token was served from the cache during the outage"
+    );
+    // The untouched token keeps working, answered from the cache without the database.
+    for _ in 0..5 {
+        assert_eq!(
+            call(b_http, "/x", &[("authorization", &kept)]).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        store_errors(&b).await,
+        errors_before,
+        "cached tokens were asked for again because another token changed"
+    );
+    client
+        .batch_execute("ALTER TABLE service_tokens_away RENAME TO service_tokens")
+        .await
+        .unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+    drop(client);
+    drop_database(&admin, &dsn).await;
+}
+
+#[tokio::test]
+async fn unknown_secrets_are_remembered_briefly() {
+    let Some((admin, dsn)) = database("negative").await else {
+        return;
+    };
+    let up = echo_upstream().await;
+    let gw = gateway_on(&dsn, &up).await;
+    let http = gw.addresses.http[0];
+    let unknown = "Bearer never-issued-secret";
+    assert_eq!(
+        call(http, "/x", &[("authorization", unknown)]).await.2["code"],
+        "auth.invalid_token"
+    );
+    // The database goes away: the same unknown secret is still answered from memory, not
+    // turned into one failing query per request.
+    let client = db_client(&dsn).await;
+    client
+        .batch_execute("ALTER TABLE service_tokens RENAME TO service_tokens_away")
+        .await
+        .unwrap();
+    let errors_before = store_errors(&gw).await;
+    for _ in 0..20 {
+        assert_eq!(
+            call(http, "/x", &[("authorization", unknown)]).await.2["code"],
+            "auth.invalid_token"
+        );
+    }
+    assert_eq!(store_errors(&gw).await, errors_before);
+    client
+        .batch_execute("ALTER TABLE service_tokens_away RENAME TO service_tokens")
+        .await
+        .unwrap();
+    gw.shutdown().await;
+    drop(client);
+    drop_database(&admin, &dsn).await;
+}
+
+/// A TCP relay on `listener` to PostgreSQL, started when the test lets the database
+/// "come back".
+async fn relay_to_postgres(listener: tokio::net::TcpListener) {
+    let target = admin_url()
+        .rsplit_once('@')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn the_gateway_starts_without_the_database_and_connects_when_it_returns() {
+    let Some((admin, dsn)) = database("late").await else {
+        return;
+    };
+    // A port where nothing listens yet; the database "returns" when a relay opens it.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let db = dsn.rsplit_once('/').unwrap().1;
+    let user = admin_url()
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    let late_dsn = format!("postgres://{user}@127.0.0.1:{port}/{db}");
+    let up = echo_upstream().await;
+    let secret = std::str::from_utf8(common::jwt::SECRET).unwrap();
+    let text = yaml(
+        &up.url(),
+        &format!("routes: [{{name: all, path: '/**'}}]\nauth:\n  bootstrap: {{token: pg-boot}}\n  jwt: {{secret: '{secret}'}}\n  service_tokens: {{backend: postgres, postgres_dsn: '{late_dsn}'}}\n"),
+    );
+    let config = orcheo_gateway::config::load(&text, &Default::default()).unwrap();
+    let gw = Gateway::start(config, None, Default::default())
+        .await
+        .expect("the gateway starts while PostgreSQL is unreachable");
+    let http = gw.addresses.http[0];
+    let admin_addr = gw.addresses.admin.unwrap();
+    // JWT and bootstrap traffic work; service tokens cannot be checked.
+    let token = common::jwt::sign(
+        jsonwebtoken::Algorithm::HS256,
+        None,
+        &common::jwt::claims("u"),
+    );
+    let jwt = format!("Bearer {token}");
+    assert_eq!(
+        call(http, "/x", &[("authorization", &jwt)]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(http, "/x", &[("authorization", "Bearer pg-boot")])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (status, headers, body) = call(
+        http,
+        "/x",
+        &[("authorization", "Bearer some-service-token")],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("auth.backend_unavailable")
+        )
+    );
+    assert!(headers.contains_key("retry-after"));
+    let (status, _, body) = get(admin_addr, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let readiness: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        readiness["checks"]["token_store"]["ok"], false,
+        "{readiness}"
+    );
+
+    // The database comes back: no restart needed.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    relay_to_postgres(listener).await;
+    let ready = eventually(Duration::from_secs(10), || async {
+        get(admin_addr, "/readyz").await.0 == StatusCode::OK
+    })
+    .await;
+    assert!(
+        ready,
+        "the gateway never connected to the returning database"
+    );
+    let secret = create(&gw, "late").await;
+    assert_eq!(
+        call(http, "/x", &[("authorization", &secret)]).await.0,
+        StatusCode::OK
+    );
+    gw.shutdown().await;
+    drop_database(&admin, &dsn).await;
+}
+
+#[tokio::test]
+async fn an_unreadable_expiry_refuses_the_token() {
+    let Some((admin, dsn)) = database("unreadable").await else {
+        return;
+    };
+    let up = echo_upstream().await;
+    let gw = gateway_on(&dsn, &up).await;
+    let client = db_client(&dsn).await;
+    let hash = orcheo_gateway::store::hash_secret("infinite-secret");
+    client
+        .execute(
+            "INSERT INTO service_tokens (identifier, secret_hash, expires_at) VALUES ('infinite', $1, '-infinity')",
+            &[&hash],
+        )
+        .await
+        .unwrap();
+    let (status, _, body) = call(
+        gw.addresses.http[0],
+        "/x",
+        &[("authorization", "Bearer infinite-secret")],
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("auth.token_expired"))
+    );
+    gw.shutdown().await;
+    drop(client);
+    drop_database(&admin, &dsn).await;
+}

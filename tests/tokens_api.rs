@@ -421,6 +421,46 @@ async fn a_row_written_the_way_orcheo_writes_it_is_accepted() {
 }
 
 #[tokio::test]
+async fn unreadable_expiry_or_revocation_times_refuse_the_token() {
+    let dir = temp_dir("tokens-unreadable");
+    let path = dir.join("tokens.sqlite");
+    let store = SqliteStore::open(&path).unwrap();
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    for (id, column) in [
+        ("bad-expiry", "expires_at"),
+        ("bad-revocation", "revoked_at"),
+    ] {
+        let hash = orcheo_gateway::store::hash_secret(id);
+        connection
+            .execute(
+                &format!(
+                    "INSERT INTO service_tokens (identifier, secret_hash, created_at, {column}) \
+                     VALUES (?1, ?2, '2025-01-01T00:00:00+00:00', 'next tuesday')"
+                ),
+                [id, hash.as_str()],
+            )
+            .unwrap();
+    }
+    let (gw, _up) = start_store(store).await;
+    for (id, code) in [
+        ("bad-expiry", "auth.token_expired"),
+        ("bad-revocation", "auth.token_revoked"),
+    ] {
+        let (status, _, body) = call(
+            gw.addresses.http[0],
+            "/x",
+            &[("authorization", &format!("Bearer {id}"))],
+        )
+        .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some(code)),
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn usage_is_counted_in_memory_and_written_at_shutdown() {
     let dir = temp_dir("tokens-usage");
     let path = dir.join("tokens.sqlite");

@@ -14,6 +14,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -27,7 +28,7 @@ use crate::body::{self, Body};
 use crate::conn::Lifecycle;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::store::{hash_secret, TokenStore};
+use crate::store::{hash_secret, StoreChange, TokenStore};
 use crate::time::Timestamp;
 
 /// The subprotocol a browser offers, beside `bearer.<token>`, to pass its token.
@@ -307,16 +308,27 @@ fn deadline(expires_at: Option<i64>) -> Option<Instant> {
 /// else its (possibly new) expiry.
 async fn recheck(store: &dyn TokenStore, hash: &str) -> Result<Option<i64>, Ending> {
     match store.lookup(hash).await {
-        Ok(Some(record)) if record.revoked_at.is_some() => Err(Ending::TokenRevoked),
-        Ok(Some(record)) if record.expires_at.is_some_and(|at| at <= Timestamp::now()) => {
-            Err(Ending::TokenExpired)
-        }
-        Ok(Some(record)) => Ok(record.expires_at.map(|t| t.0)),
+        Ok(Some(record)) => still_valid(record.revoked_at, record.expires_at),
         // Deleted from the store: as good as revoked.
         Ok(None) => Err(Ending::TokenRevoked),
         // The store is down: the connection keeps its last known state.
         Err(_) => Ok(None),
     }
+}
+
+/// Whether a service token with this revocation and expiry still holds: `Ok` with its
+/// expiry, or the ending it calls for.
+fn still_valid(
+    revoked_at: Option<Timestamp>,
+    expires_at: Option<Timestamp>,
+) -> Result<Option<i64>, Ending> {
+    if revoked_at.is_some() {
+        return Err(Ending::TokenRevoked);
+    }
+    if expires_at.is_some_and(|at| at <= Timestamp::now()) {
+        return Err(Ending::TokenExpired);
+    }
+    Ok(expires_at.map(|t| t.0))
 }
 
 /// Relays frames both ways until either side closes, the credential ends, the
@@ -360,12 +372,23 @@ async fn relay<C, U>(
             _ = expires => break Ending::TokenExpired,
             _ = crate::conn::stopped(&mut shutdown) => break Ending::Shutdown,
             changed = changes.recv(), if credential.service_token_hash.is_some() => {
-                if matches!(changed, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
-                    changes = settings.store.subscribe();
-                    continue;
-                }
                 let hash = credential.service_token_hash.as_deref().unwrap_or_default();
-                match recheck(settings.store.as_ref(), hash).await {
+                let verdict = match changed {
+                    // This token changed: its new state is in the notification.
+                    Ok(StoreChange::Token(change)) if change.secret_hash == hash => {
+                        still_valid(change.revoked_at, change.expires_at)
+                    }
+                    Ok(StoreChange::Token(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        changes = settings.store.subscribe();
+                        recheck(settings.store.as_ref(), hash).await
+                    }
+                    // Unknown or missed changes: ask the store.
+                    Ok(StoreChange::Unknown) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        recheck(settings.store.as_ref(), hash).await
+                    }
+                };
+                match verdict {
                     Err(ending) => break ending,
                     Ok(Some(at)) => expiry = deadline(Some(at)),
                     Ok(None) => {}

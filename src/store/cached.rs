@@ -1,16 +1,22 @@
 //! The store as the hot path sees it: lookups answered from a bounded in-memory cache
-//! (a busy token costs no database round trip), re-asked whenever tokens change; cached
-//! tokens keep working while the database is unreachable; and usage counted in memory,
-//! written in batches at least every 10 s and at shutdown — never a write per request.
+//! (a busy token costs no database round trip). A change notification names the token
+//! it changed, and the cache applies exactly that change — a revoked or rotated-out token
+//! is refused at once, whatever the database's state, and the other cached tokens are
+//! neither refetched nor stopped: they keep working while the database is unreachable.
+//! Unknown secrets are remembered briefly, so a flood of random tokens is not one query
+//! each. Usage is counted in memory and written in batches at least every 10 s and at
+//! shutdown — never a write per request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
 use super::{
-    AuditEvent, BoxFuture, Change, StoreError, TokenRecord, TokenStore, Usage, WriteError,
+    AuditEvent, BoxFuture, Change, StoreChange, StoreError, TokenRecord, TokenStore, Usage,
+    WriteError, CHANGE_BACKLOG,
 };
 use crate::time::Timestamp;
 
@@ -19,24 +25,42 @@ const CAPACITY: usize = 10_000;
 /// How long a cached answer is trusted without a change notification: the bound on how
 /// stale a token can be if a notification is ever missed.
 const FRESH: Duration = Duration::from_secs(30);
+/// Unknown secrets remembered at most; past it they are all forgotten (which costs only
+/// database queries).
+const UNKNOWN_CAPACITY: usize = 10_000;
+/// How long a secret the store did not know is answered "unknown" without asking again:
+/// short, since a token created by a program that does not notify (Orcheo itself) is
+/// unusable for this long.
+const UNKNOWN_FOR: Duration = Duration::from_secs(5);
 /// How often counted usage is written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 struct Cached {
     record: TokenRecord,
     fetched: Instant,
-    /// Set when tokens changed: the entry must be asked for again, but still stands in
+    /// Set on an unknown change: the entry must be asked for again, but still stands in
     /// while the store cannot answer.
     stale: bool,
+}
+
+/// The cache's two maps, under one lock so a change applies to both at once.
+#[derive(Default)]
+struct Entries {
+    known: HashMap<String, Cached>,
+    /// Secrets the store did not know, and when it said so.
+    unknown: HashMap<String, Instant>,
 }
 
 /// A caching, usage-batching wrapper around a store.
 pub struct CachedStore {
     inner: Arc<dyn TokenStore>,
     // Std mutexes: held for map operations only, never across an await.
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: Mutex<Entries>,
+    /// Moves on every change applied: a lookup that started before a change must not
+    /// cache the answer it got from before the change.
+    generation: AtomicU64,
     usage: Mutex<HashMap<String, (i64, Timestamp)>>,
-    changes: broadcast::Sender<()>,
+    changes: broadcast::Sender<StoreChange>,
     errors: prometheus::IntCounter,
 }
 
@@ -45,17 +69,18 @@ impl CachedStore {
     pub fn new(inner: Arc<dyn TokenStore>, errors: prometheus::IntCounter) -> Arc<Self> {
         let store = Arc::new(CachedStore {
             inner,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Entries::default()),
+            generation: AtomicU64::new(0),
             usage: Mutex::new(HashMap::new()),
-            changes: broadcast::channel(16).0,
+            changes: broadcast::channel(CHANGE_BACKLOG).0,
             errors,
         });
         store.start();
         store
     }
 
-    /// Relays the inner store's change notifications (after emptying the cache), and
-    /// flushes usage on its interval. Both stop when the store is dropped.
+    /// Applies and relays the inner store's change notifications, and flushes usage on
+    /// its interval. Both stop when the store is dropped.
     fn start(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let mut inner_changes = self.inner.subscribe();
@@ -66,11 +91,17 @@ impl CachedStore {
                 tokio::select! {
                     change = inner_changes.recv() => {
                         let Some(this) = weak.upgrade() else { return };
-                        if matches!(change, Err(broadcast::error::RecvError::Closed)) {
-                            inner_changes = this.inner.subscribe();
-                        }
-                        this.forget_all();
-                        let _ = this.changes.send(());
+                        let change = match change {
+                            Ok(change) => change,
+                            // Missed notifications: which tokens changed is not known.
+                            Err(broadcast::error::RecvError::Lagged(_)) => StoreChange::Unknown,
+                            Err(broadcast::error::RecvError::Closed) => {
+                                inner_changes = this.inner.subscribe();
+                                StoreChange::Unknown
+                            }
+                        };
+                        this.apply(&change);
+                        let _ = this.changes.send(change);
                     }
                     _ = ticker.tick() => {
                         let Some(this) = weak.upgrade() else { return };
@@ -81,11 +112,30 @@ impl CachedStore {
         });
     }
 
-    /// Marks every entry stale: the next lookup of each asks the store again.
-    fn forget_all(&self) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        for entry in cache.values_mut() {
-            entry.stale = true;
+    /// Applies one change: a named token takes its new expiry and revocation (a cached
+    /// revoked token is refused from now on, without asking the store); an unknown change
+    /// makes every entry ask again.
+    fn apply(&self, change: &StoreChange) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let mut entries = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match change {
+            StoreChange::Token(token) => {
+                if let Some(entry) = entries.known.get_mut(&token.secret_hash) {
+                    entry.record.expires_at = token.expires_at;
+                    entry.record.revoked_at = token.revoked_at;
+                }
+                if token.created {
+                    entries.unknown.clear();
+                } else {
+                    entries.unknown.remove(&token.secret_hash);
+                }
+            }
+            StoreChange::Unknown => {
+                for entry in entries.known.values_mut() {
+                    entry.stale = true;
+                }
+                entries.unknown.clear();
+            }
         }
     }
 
@@ -94,16 +144,33 @@ impl CachedStore {
         tracing::warn!(%error, backend = self.inner.backend(), "service token store call failed");
     }
 
-    fn remember(&self, hash: &str, record: &TokenRecord) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CAPACITY {
-            cache.retain(|_, c| c.fetched.elapsed() < FRESH);
-            if cache.len() >= CAPACITY {
+    /// Caches the store's answer for `hash`, unless a change arrived since the lookup
+    /// began (`generation`): that answer may predate it.
+    fn remember(&self, hash: &str, record: Option<&TokenRecord>, generation: u64) {
+        let mut entries = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        let Some(record) = record else {
+            if entries.unknown.len() >= UNKNOWN_CAPACITY {
+                entries
+                    .unknown
+                    .retain(|_, seen| seen.elapsed() < UNKNOWN_FOR);
+                if entries.unknown.len() >= UNKNOWN_CAPACITY {
+                    entries.unknown.clear();
+                }
+            }
+            entries.unknown.insert(hash.to_string(), Instant::now());
+            return;
+        };
+        if entries.known.len() >= CAPACITY {
+            entries.known.retain(|_, c| c.fetched.elapsed() < FRESH);
+            if entries.known.len() >= CAPACITY {
                 // Dropping entries only costs a database round trip later.
-                cache.clear();
+                entries.known.clear();
             }
         }
-        cache.insert(
+        entries.known.insert(
             hash.to_string(),
             Cached {
                 record: record.clone(),
@@ -113,13 +180,28 @@ impl CachedStore {
         );
     }
 
-    /// The cached record of `hash` and whether it is still fresh.
-    fn cached(&self, hash: &str) -> Option<(TokenRecord, bool)> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .get(hash)
-            .map(|c| (c.record.clone(), !c.stale && c.fetched.elapsed() < FRESH))
+    /// What the cache knows of `hash`.
+    fn cached(&self, hash: &str) -> Lookup {
+        let entries = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = entries.known.get(hash) {
+            let fresh = !c.stale && c.fetched.elapsed() < FRESH;
+            return Lookup::Known(Box::new(c.record.clone()), fresh);
+        }
+        match entries.unknown.get(hash) {
+            Some(seen) if seen.elapsed() < UNKNOWN_FOR => Lookup::Unknown,
+            _ => Lookup::Miss,
+        }
     }
+}
+
+/// What the cache holds for a secret.
+enum Lookup {
+    /// A record, and whether it is fresh enough to answer without the store.
+    Known(Box<TokenRecord>, bool),
+    /// The store recently said it has no such token.
+    Unknown,
+    /// Nothing.
+    Miss,
 }
 
 impl TokenStore for CachedStore {
@@ -128,23 +210,23 @@ impl TokenStore for CachedStore {
         secret_hash: &'a str,
     ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>> {
         Box::pin(async move {
-            let cached = self.cached(secret_hash);
-            if let Some((record, true)) = &cached {
-                return Ok(Some(record.clone()));
-            }
+            let stale = match self.cached(secret_hash) {
+                Lookup::Known(record, true) => return Ok(Some(*record)),
+                Lookup::Known(record, false) => Some(*record),
+                Lookup::Unknown => return Ok(None),
+                Lookup::Miss => None,
+            };
+            let generation = self.generation.load(Ordering::Acquire);
             match self.inner.lookup(secret_hash).await {
-                Ok(Some(record)) => {
-                    self.remember(secret_hash, &record);
-                    Ok(Some(record))
+                Ok(record) => {
+                    self.remember(secret_hash, record.as_ref(), generation);
+                    Ok(record)
                 }
-                Ok(None) => Ok(None),
                 Err(error) => {
                     self.failed(&error);
-                    // While the store is away, a token it vouched for before keeps working.
-                    match cached {
-                        Some((record, _)) => Ok(Some(record)),
-                        None => Err(error),
-                    }
+                    // While the store is away, a token it vouched for keeps working, with
+                    // every change the gateway was told of since applied to it.
+                    stale.map(Some).ok_or(error)
                 }
             }
         })
@@ -158,7 +240,7 @@ impl TokenStore for CachedStore {
         self.inner.backend()
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<()> {
+    fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
         self.changes.subscribe()
     }
 
@@ -184,12 +266,14 @@ impl TokenStore for CachedStore {
 
     fn write(&self, change: Change) -> BoxFuture<'_, Result<(), WriteError>> {
         Box::pin(async move {
+            let changes = change.token_changes();
             let result = self.inner.write(change).await;
-            // The inner store notifies too; emptying here as well means this replica
-            // never answers from a cache older than its own write.
-            self.forget_all();
-            if let Err(WriteError::Store(error)) = &result {
-                self.failed(error);
+            match &result {
+                // The inner store notifies too; applying here as well means this replica
+                // never answers from a cache older than its own write.
+                Ok(()) => changes.iter().for_each(|change| self.apply(change)),
+                Err(WriteError::Store(error)) => self.failed(error),
+                Err(WriteError::Conflict(_)) => {}
             }
             result
         })
@@ -253,5 +337,77 @@ impl TokenStore for CachedStore {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{hash_secret, MemoryStore, TokenChange};
+
+    fn record(id: &str, secret: &str) -> TokenRecord {
+        TokenRecord {
+            identifier: id.into(),
+            secret_hash: hash_secret(secret),
+            ..TokenRecord::default()
+        }
+    }
+
+    fn cached_store(inner: Arc<MemoryStore>) -> Arc<CachedStore> {
+        let errors = prometheus::IntCounter::new("errors", "errors").unwrap();
+        CachedStore::new(inner, errors)
+    }
+
+    /// Waits until the cache's relay task has applied what the inner store sent.
+    async fn settle(store: &CachedStore, before: u64) {
+        for _ in 0..100 {
+            if store.generation.load(Ordering::Acquire) > before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the change was never applied");
+    }
+
+    #[tokio::test]
+    async fn a_created_token_ends_what_was_remembered_as_unknown() {
+        let inner = Arc::new(MemoryStore::new());
+        let store = cached_store(inner.clone());
+        let hash = hash_secret("later");
+        assert_eq!(store.lookup(&hash).await.unwrap(), None);
+        assert!(matches!(store.cached(&hash), Lookup::Unknown));
+        let before = store.generation.load(Ordering::Acquire);
+        inner.put(record("later", "later"));
+        settle(&store, before).await;
+        let found = store.lookup(&hash).await.unwrap();
+        assert_eq!(found.map(|r| r.identifier).as_deref(), Some("later"));
+    }
+
+    #[tokio::test]
+    async fn a_named_change_is_applied_to_the_cached_record_only() {
+        let inner = Arc::new(MemoryStore::new());
+        let store = cached_store(inner.clone());
+        for id in ["a", "b"] {
+            inner.put(record(id, id));
+            store.lookup(&hash_secret(id)).await.unwrap();
+        }
+        let before = store.generation.load(Ordering::Acquire);
+        let mut revoked = record("a", "a");
+        revoked.revoked_at = Some(Timestamp(1));
+        store.apply(&StoreChange::Token(TokenChange::of(&revoked, false)));
+        assert!(store.generation.load(Ordering::Acquire) > before);
+        match store.cached(&hash_secret("a")) {
+            Lookup::Known(record, true) => assert_eq!(record.revoked_at, Some(Timestamp(1))),
+            _ => panic!("the revoked record is cached, fresh, with its revocation"),
+        }
+        assert!(matches!(
+            store.cached(&hash_secret("b")),
+            Lookup::Known(_, true)
+        ));
+        store.apply(&StoreChange::Unknown);
+        assert!(matches!(
+            store.cached(&hash_secret("b")),
+            Lookup::Known(_, false)
+        ));
     }
 }

@@ -15,7 +15,8 @@ use tokio::sync::broadcast;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::{
-    AuditEvent, BoxFuture, Change, StoreError, TokenRecord, TokenStore, Usage, WriteError,
+    AuditEvent, BoxFuture, Change, StoreChange, StoreError, TokenChange, TokenRecord, TokenStore,
+    Usage, WriteError, CHANGE_BACKLOG,
 };
 use crate::time::Timestamp;
 
@@ -79,7 +80,7 @@ const COLUMNS: &str =
 pub struct PostgresStore {
     pool: Pool,
     any_active: Arc<AtomicBool>,
-    changes: broadcast::Sender<()>,
+    changes: broadcast::Sender<StoreChange>,
     listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -130,15 +131,33 @@ fn list_value(value: Option<Value>) -> Vec<String> {
     }
 }
 
+/// A time that ends a token (`expires_at`, `revoked_at`): one that is present but cannot
+/// be read ends it at the epoch, so the token is refused rather than made eternal; so
+/// does any time before the epoch (`-infinity` included).
+fn ending(row: &Row, index: usize, identifier: &str) -> Option<Timestamp> {
+    match row.try_get::<_, Option<SystemTime>>(index) {
+        Ok(at) => from_system(at),
+        Err(_) => {
+            tracing::warn!(
+                token_id = identifier,
+                column = index,
+                "unreadable time in a service token row; the token is refused"
+            );
+            Some(Timestamp(0))
+        }
+    }
+}
+
 fn row_to_record(row: &Row) -> Result<TokenRecord, tokio_postgres::Error> {
+    let identifier: String = row.try_get(0)?;
     Ok(TokenRecord {
-        identifier: row.try_get(0)?,
+        expires_at: ending(row, 5, &identifier),
+        revoked_at: ending(row, 6, &identifier),
+        identifier,
         secret_hash: row.try_get(1)?,
         scopes: list_value(row.try_get(2)?),
         workspace_ids: list_value(row.try_get(3)?),
         issued_at: from_system(row.try_get(4)?).unwrap_or_default(),
-        expires_at: from_system(row.try_get(5)?),
-        revoked_at: from_system(row.try_get(6)?),
         revocation_reason: row.try_get(7)?,
         name: row.try_get(8)?,
         secret_preview: row.try_get(9)?,
@@ -151,7 +170,10 @@ fn row_to_record(row: &Row) -> Result<TokenRecord, tokio_postgres::Error> {
 }
 
 impl PostgresStore {
-    /// Connects to `dsn`, creates the schema if missing and starts listening.
+    /// A store for `dsn`. Nothing is connected yet: a background task connects, creates
+    /// the schema if missing and listens for changes, and keeps trying while the database
+    /// is unreachable, so the gateway starts (and serves JWT and bootstrap traffic) without
+    /// it. Only a DSN that cannot be parsed is an error.
     pub async fn open(dsn: &str) -> Result<Arc<Self>, String> {
         let config: tokio_postgres::Config = dsn
             .parse()
@@ -171,25 +193,22 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| format!("postgres pool: {e}"))?;
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
-        client
-            .batch_execute(SCHEMA)
-            .await
-            .map_err(|e| format!("PostgreSQL schema: {e}"))?;
-        drop(client);
         let store = Arc::new(PostgresStore {
             pool,
             any_active: Arc::new(AtomicBool::new(false)),
-            changes: broadcast::channel(16).0,
+            changes: broadcast::channel(CHANGE_BACKLOG).0,
             listener: std::sync::Mutex::new(None),
         });
-        store.recount().await;
-        let task = tokio::spawn(listen(Arc::downgrade(&store), config));
+        let (ready, mut connected) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(listen(Arc::downgrade(&store), config, ready));
         if let Ok(mut listener) = store.listener.lock() {
             *listener = Some(task);
+        }
+        // A reachable database is set up before the first request; an unreachable one
+        // delays the start by this wait only.
+        let first = tokio::time::timeout(POOL_TIMEOUT, connected.wait_for(|&up| up)).await;
+        if !matches!(first, Ok(Ok(_))) {
+            tracing::warn!("PostgreSQL is not reachable yet; starting without it (service tokens answer 503 until it is)");
         }
         Ok(store)
     }
@@ -210,49 +229,89 @@ impl PostgresStore {
         }
     }
 
-    fn changed(&self) {
-        let _ = self.changes.send(());
+    fn changed(&self, change: StoreChange) {
+        let _ = self.changes.send(change);
     }
 }
 
-/// Listens for notifications on a connection of its own (reconnecting after failures),
-/// and resyncs on a timer.
-async fn listen(store: std::sync::Weak<PostgresStore>, config: tokio_postgres::Config) {
+/// Keeps a connection of its own: creates the schema, listens for notifications and
+/// recounts on a timer; reconnects after failures. After a reconnection, subscribers are
+/// told that unknown changes may have happened while it was away.
+async fn listen(
+    store: std::sync::Weak<PostgresStore>,
+    config: tokio_postgres::Config,
+    set_up: tokio::sync::watch::Sender<bool>,
+) {
+    let mut connected_before = false;
+    let mut failures = 0u32;
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
                 let mut messages =
                     futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let statement = format!("LISTEN {CHANNEL}");
-                let listening = client.batch_execute(&statement);
-                // The connection must be polled for LISTEN to complete.
-                let mut listening = std::pin::pin!(listening);
+                // The schema is created once per process, on the first connection: a table
+                // that goes away later is an outage to report, not something to recreate.
+                let statement = if connected_before {
+                    format!("LISTEN {CHANNEL};")
+                } else {
+                    format!("{SCHEMA}\nLISTEN {CHANNEL};")
+                };
+                let setup = client.batch_execute(&statement);
+                // The connection must be polled for the statements to complete.
+                let mut setup = std::pin::pin!(setup);
                 let ready = loop {
                     tokio::select! {
-                        result = &mut listening => break result.is_ok(),
-                        message = messages.next() => if message.is_none() { break false },
+                        result = &mut setup => break result.map_err(|e| e.to_string()),
+                        message = messages.next() => if message.is_none() {
+                            break Err("connection closed".into());
+                        },
                     }
                 };
-                if ready {
-                    let mut resync = tokio::time::interval(RESYNC);
-                    loop {
-                        tokio::select! {
-                            message = messages.next() => match message {
-                                Some(Ok(AsyncMessage::Notification(_))) => {}
-                                Some(Ok(_)) => continue,
-                                Some(Err(_)) | None => break,
-                            },
-                            _ = resync.tick() => {}
+                match ready {
+                    Ok(()) => {
+                        if failures > 0 || connected_before {
+                            tracing::info!("PostgreSQL token store connected");
                         }
-                        let Some(store) = store.upgrade() else { return };
-                        store.recount().await;
-                        store.changed();
+                        failures = 0;
+                        let Some(live) = store.upgrade() else { return };
+                        live.recount().await;
+                        set_up.send_replace(true);
+                        if connected_before {
+                            live.changed(StoreChange::Unknown);
+                        }
+                        drop(live);
+                        connected_before = true;
+                        let mut resync = tokio::time::interval(RESYNC);
+                        loop {
+                            let change = tokio::select! {
+                                message = messages.next() => match message {
+                                    Some(Ok(AsyncMessage::Notification(note))) => Some(parse_change(note.payload())),
+                                    Some(Ok(_)) => continue,
+                                    Some(Err(_)) | None => break,
+                                },
+                                _ = resync.tick() => None,
+                            };
+                            let Some(live) = store.upgrade() else { return };
+                            // The change first: a revocation must not wait for a count.
+                            if let Some(change) = change {
+                                live.changed(change);
+                            }
+                            live.recount().await;
+                        }
+                        tracing::warn!("lost the PostgreSQL notification connection; reconnecting");
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        tracing::warn!(%error, "PostgreSQL schema or LISTEN failed; retrying");
                     }
                 }
-                tracing::warn!("lost the PostgreSQL notification connection; reconnecting");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open the PostgreSQL notification connection; retrying")
+            Err(error) => {
+                failures += 1;
+                // Logged once per outage, then every minute or so, not every second.
+                if failures == 1 || failures.is_multiple_of(60) {
+                    tracing::warn!(%error, "cannot connect to PostgreSQL; service tokens are unavailable until it answers");
+                }
             }
         }
         if store.upgrade().is_none() {
@@ -260,6 +319,14 @@ async fn listen(store: std::sync::Weak<PostgresStore>, config: tokio_postgres::C
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// A notification's payload: the token change a replica wrote, or (anything else) an
+/// unknown change.
+fn parse_change(payload: &str) -> StoreChange {
+    serde_json::from_str::<TokenChange>(payload)
+        .map(StoreChange::Token)
+        .unwrap_or(StoreChange::Unknown)
 }
 
 impl TokenStore for PostgresStore {
@@ -286,7 +353,7 @@ impl TokenStore for PostgresStore {
         "postgres"
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<()> {
+    fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
         self.changes.subscribe()
     }
 
@@ -321,6 +388,7 @@ impl TokenStore for PostgresStore {
 
     fn write(&self, change: Change) -> BoxFuture<'_, Result<(), WriteError>> {
         Box::pin(async move {
+            let changes = change.token_changes();
             let mut client = self
                 .pool
                 .get()
@@ -402,14 +470,24 @@ impl TokenStore for PostgresStore {
                     .await
                     .map_err(store)?;
             }
-            // Delivered to every listening replica when the transaction commits.
-            transaction
-                .execute(&format!("NOTIFY {CHANNEL}"), &[])
-                .await
-                .map_err(store)?;
+            // Delivered to every listening replica when the transaction commits, each
+            // naming the token it changed and its new state.
+            for change in &changes {
+                let StoreChange::Token(token) = change else {
+                    continue;
+                };
+                let payload =
+                    serde_json::to_string(token).map_err(|e| WriteError::Store(error(e)))?;
+                transaction
+                    .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+                    .await
+                    .map_err(store)?;
+            }
             transaction.commit().await.map_err(store)?;
             self.recount().await;
-            self.changed();
+            for change in changes {
+                self.changed(change);
+            }
             Ok(())
         })
     }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::{
-    AuditEvent, BoxFuture, Change, StoreError, TokenRecord, TokenStore, Usage, WriteError,
+    AuditEvent, BoxFuture, Change, StoreChange, StoreError, TokenRecord, TokenStore, Usage,
+    WriteError, CHANGE_BACKLOG,
 };
 use crate::time::Timestamp;
 
@@ -71,7 +72,7 @@ pub struct SqliteStore {
     // it is never held across an await.
     connection: Arc<Mutex<Connection>>,
     any_active: Arc<AtomicBool>,
-    changes: tokio::sync::broadcast::Sender<()>,
+    changes: tokio::sync::broadcast::Sender<StoreChange>,
 }
 
 impl SqliteStore {
@@ -94,7 +95,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             connection: Arc::new(Mutex::new(connection)),
             any_active,
-            changes: tokio::sync::broadcast::channel(16).0,
+            changes: tokio::sync::broadcast::channel(CHANGE_BACKLOG).0,
         });
         store.watch_active();
         Ok(store)
@@ -123,8 +124,9 @@ impl SqliteStore {
                 .await;
                 if let Ok(Ok((now, count))) = state {
                     flag.store(count > 0, Ordering::Release);
+                    // Another process committed: which tokens changed is not known.
                     if version.is_some_and(|before| before != now) {
-                        let _ = changes.send(());
+                        let _ = changes.send(StoreChange::Unknown);
                     }
                     version = Some(now);
                 }
@@ -183,6 +185,23 @@ fn timestamp(text: Option<String>) -> Option<Timestamp> {
     text.and_then(|t| t.parse().ok())
 }
 
+/// A time that ends a token (`expires_at`, `revoked_at`): one that is present but cannot
+/// be read ends it at the epoch, so the token is refused rather than made eternal.
+fn ending(text: Option<String>, column: &str, identifier: &str) -> Option<Timestamp> {
+    let text = text?;
+    match text.parse() {
+        Ok(at) => Some(at),
+        Err(_) => {
+            tracing::warn!(
+                token_id = identifier,
+                column,
+                "unreadable time in a service token row; the token is refused"
+            );
+            Some(Timestamp(0))
+        }
+    }
+}
+
 /// Every column the gateway reads, in the order [`row_to_record`] expects.
 const COLUMNS: &str =
     "identifier, secret_hash, scopes, workspace_ids, issued_at, created_at, expires_at, \
@@ -192,14 +211,15 @@ const COLUMNS: &str =
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     let issued: Option<String> = row.get(4)?;
     let created: Option<String> = row.get(5)?;
+    let identifier: String = row.get(0)?;
     Ok(TokenRecord {
-        identifier: row.get(0)?,
+        expires_at: ending(row.get(6)?, "expires_at", &identifier),
+        revoked_at: ending(row.get(7)?, "revoked_at", &identifier),
+        identifier,
         secret_hash: row.get(1)?,
         scopes: json_list(row.get(2)?),
         workspace_ids: json_list(row.get(3)?),
         issued_at: timestamp(issued.or(created)).unwrap_or(Timestamp(0)),
-        expires_at: timestamp(row.get(6)?),
-        revoked_at: timestamp(row.get(7)?),
         revocation_reason: row.get(8)?,
         name: row.get(9)?,
         secret_preview: row.get(10)?,
@@ -381,7 +401,7 @@ impl TokenStore for SqliteStore {
         "sqlite"
     }
 
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<StoreChange> {
         self.changes.subscribe()
     }
 
@@ -418,6 +438,7 @@ impl TokenStore for SqliteStore {
 
     fn write(&self, change: Change) -> BoxFuture<'_, Result<(), WriteError>> {
         Box::pin(async move {
+            let changes = change.token_changes();
             let connection = self.connection.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let mut connection = connection.lock().unwrap_or_else(|e| e.into_inner());
@@ -430,7 +451,9 @@ impl TokenStore for SqliteStore {
             // The flag and the subscribers learn of this write now: this connection's own
             // commits do not move its `data_version`.
             self.any_active.store(active > 0, Ordering::Release);
-            let _ = self.changes.send(());
+            for change in changes {
+                let _ = self.changes.send(change);
+            }
             Ok(())
         })
     }
