@@ -8,6 +8,19 @@ use crate::auth::identity::Identity;
 use crate::auth::Caller;
 use crate::routing::RouteMatch;
 
+/// Why authorization refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The caller may not: 401 (anonymous) or 403.
+    Denied(AuthError),
+    /// The request does not name its workspace exactly once (400): with two values the
+    /// gateway could check one while the upstream acts on the other.
+    AmbiguousWorkspace,
+}
+
+/// The message of [`Refusal::AmbiguousWorkspace`].
+pub const AMBIGUOUS_WORKSPACE: &str = "Workspace must be given exactly once";
+
 /// Whether `caller` may use the matched route: its scopes, and the workspace the request
 /// names through the route's `workspace` source. A caller whose authentication was skipped
 /// (disabled mode, public route) is not checked.
@@ -16,33 +29,58 @@ pub fn authorize_route<T>(
     matched: &RouteMatch<'_, T>,
     headers: &HeaderMap,
     query: Option<&str>,
-) -> Result<(), AuthError> {
+) -> Result<(), Refusal> {
     if caller.skipped {
         return Ok(());
     }
-    let workspace = requested_workspace(matched, headers, query);
-    let scopes = &matched.route.config.scopes.0;
-    authorize(&caller.identity, scopes, workspace.as_deref())
+    let route = &matched.route.config;
+    let scopes = &route.scopes.0;
+    if caller.identity.is_anonymous() {
+        // An anonymous caller holds nothing: a route that checks anything asks it to
+        // authenticate, before the request's workspace is even looked at.
+        if scopes.is_empty() && route.workspace.is_none() {
+            return Ok(());
+        }
+        return Err(Refusal::Denied(AuthError::MissingToken));
+    }
+    let workspace = requested_workspace(matched, headers, query)?;
+    authorize(&caller.identity, scopes, workspace.as_deref()).map_err(Refusal::Denied)
 }
 
-/// The workspace a request asks for, from the route's `workspace` source.
+/// The workspace a request asks for, from the route's `workspace` source: exactly one
+/// non-empty value — one query parameter (names decoded as form parameters, so
+/// `%77orkspace` counts), one header line holding no list — or the refusal.
 fn requested_workspace<T>(
     matched: &RouteMatch<'_, T>,
     headers: &HeaderMap,
     query: Option<&str>,
-) -> Option<String> {
-    let source = matched.route.config.workspace.as_ref()?;
-    if let Some(param) = &source.path_param {
-        return matched.param(param).map(str::to_string);
+) -> Result<Option<String>, Refusal> {
+    let Some(source) = matched.route.config.workspace.as_ref() else {
+        return Ok(None);
+    };
+    let values: Vec<String> = if let Some(param) = &source.path_param {
+        matched
+            .param(param)
+            .map(str::to_string)
+            .into_iter()
+            .collect()
+    } else if let Some(name) = &source.header {
+        headers
+            .get_all(name.as_str())
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    } else if let Some(name) = &source.query {
+        crate::query::values(query, name)
+            .map(|v| v.into_owned())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    match values.as_slice() {
+        [one] if !one.trim().is_empty() && !one.contains(',') => Ok(Some(one.trim().to_string())),
+        _ => Err(Refusal::AmbiguousWorkspace),
     }
-    if let Some(name) = &source.header {
-        return headers
-            .get(name.as_str())
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().to_string());
-    }
-    let name = source.query.as_ref()?;
-    crate::query::first(query, name)
 }
 
 /// Checks that `identity` holds every scope in `scopes` and may access `workspace`.

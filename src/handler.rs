@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use crate::access_log::AccessRecord;
 use crate::auth::failure::{self, AuthError, AuthFailure};
 use crate::auth::Caller;
-use crate::authz;
+use crate::authz::{self, Refusal, AMBIGUOUS_WORKSPACE};
 use crate::body::{self, Body};
 use crate::client_ip;
 use crate::conn::ConnInfo;
@@ -145,7 +145,7 @@ pub async fn decide<'s>(
 ) -> Result<(Matched<'s>, Caller), GatewayError> {
     let matched = route(ctx.snapshot, original)?;
     record.route = matched.route.name.clone();
-    let outcome = ctx
+    let authenticated = ctx
         .snapshot
         .auth
         .authenticate_request(
@@ -155,12 +155,19 @@ pub async fn decide<'s>(
             original.websocket,
             &ctx.client,
         )
-        .await
-        .and_then(|caller| {
-            authz::authorize_route(&caller, &matched, original.headers, original.query)
-                .map_err(|error| refusal(ctx, &caller, error))
-                .map(|()| caller)
-        });
+        .await;
+    let outcome = match authenticated {
+        Ok(caller) => {
+            match authz::authorize_route(&caller, &matched, original.headers, original.query) {
+                Ok(()) => Ok(caller),
+                Err(Refusal::Denied(error)) => Err(refusal(ctx, &caller, error)),
+                Err(Refusal::AmbiguousWorkspace) => {
+                    return Err(GatewayError::InvalidRequest(AMBIGUOUS_WORKSPACE.into()))
+                }
+            }
+        }
+        Err(failure) => Err(failure),
+    };
     let caller = guard(ctx, outcome, record).await?;
     limit_route(ctx, &matched, &caller).await?;
     Ok((matched, caller))

@@ -768,3 +768,64 @@ async fn a_failing_store_is_503_for_service_tokens_only() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn the_workspace_must_be_given_exactly_once() {
+    let (gw, _up) = gateway_with(&secret_yaml(), Default::default()).await;
+    let reader = bearer(&jwt("workflows:read", json!(["ws-1"])));
+    let auth = ("authorization", reader.as_str());
+    let bad_request = |response: &(StatusCode, HeaderMap, Value)| {
+        assert_refused(
+            response,
+            StatusCode::BAD_REQUEST,
+            "request.invalid",
+            "Workspace must be given exactly once",
+        )
+    };
+    // Query: repeated (also when one copy spells its name percent-encoded), or missing.
+    for target in [
+        "/wsq/x?workspace=ws-1&workspace=ws-2",
+        "/wsq/x?workspace=ws-1&%77orkspace=ws-2",
+        "/wsq/x?workspace=ws-1&workspac%65=ws-1",
+        "/wsq/x",
+        "/wsq/x?workspace=",
+        "/wsq/x?other=1",
+    ] {
+        bad_request(&call(gw.http, target, &[auth]).await);
+    }
+    // A name spelled percent-encoded is the parameter itself, checked as such.
+    assert_eq!(
+        call(gw.http, "/wsq/x?%77orkspace=ws-1", &[auth]).await.0,
+        StatusCode::OK
+    );
+    let forbidden = call(gw.http, "/wsq/x?%77orkspace=ws-2", &[auth]).await;
+    assert_refused(
+        &forbidden,
+        StatusCode::FORBIDDEN,
+        "auth.workspace_forbidden",
+        "Workspace access denied for: ws-2",
+    );
+    // Header: repeated, a list, or missing.
+    bad_request(
+        &call(
+            gw.http,
+            "/wsh/x",
+            &[auth, ("x-workspace-id", "ws-1"), ("x-workspace-id", "ws-2")],
+        )
+        .await,
+    );
+    bad_request(&call(gw.http, "/wsh/x", &[auth, ("x-workspace-id", "ws-1, ws-2")]).await);
+    bad_request(&call(gw.http, "/wsh/x", &[auth]).await);
+    assert_eq!(
+        call(gw.http, "/wsh/x", &[auth, ("x-workspace-id", "ws-1")])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // Without a credential the caller is asked to authenticate first.
+    let (status, _, body) = call(gw.http, "/wsq/x?workspace=a&workspace=b", &[]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("auth.missing_token"))
+    );
+}

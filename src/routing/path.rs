@@ -15,6 +15,9 @@ pub enum PathError {
     EncodedSeparator,
     /// A NUL byte, or bytes that are not UTF-8 once decoded.
     BadBytes,
+    /// A `;` in a segment (raw or encoded): servlet containers read `..;` as `..` and
+    /// `/admin;x` as `/admin`, so a path the gateway matched could mean another upstream.
+    Semicolon,
 }
 
 impl PathError {
@@ -25,6 +28,7 @@ impl PathError {
             PathError::BadEscape => "Request path has an invalid percent-encoding",
             PathError::EncodedSeparator => "Request path must not contain an encoded / or \\",
             PathError::BadBytes => "Request path is not valid UTF-8",
+            PathError::Semicolon => "Request path must not contain ;",
         }
     }
 }
@@ -49,6 +53,9 @@ impl NormalizedPath {
         let mut trailing_slash = false;
         for piece in raw[1..].split('/') {
             let segment = decode(piece)?;
+            if segment.contains(';') {
+                return Err(PathError::Semicolon);
+            }
             trailing_slash = matches!(segment.as_str(), "" | "." | "..");
             match segment.as_str() {
                 "" | "." => {}

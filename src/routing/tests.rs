@@ -138,9 +138,21 @@ fn encoded_separators_and_bad_escapes_are_refused() {
         ("/a%ff", PathError::BadBytes),
         ("a/b", PathError::NotAbsolute),
         ("*", PathError::NotAbsolute),
+        ("/public/..;/admin", PathError::Semicolon),
+        ("/public/..%3B/admin", PathError::Semicolon),
+        ("/files/{id};jsessionid=x", PathError::Semicolon),
+        ("/admin%3bx", PathError::Semicolon),
     ] {
         assert_eq!(NormalizedPath::parse(raw), Err(error), "{raw}");
     }
+}
+
+#[test]
+fn methods_are_matched_case_sensitively() {
+    let t = table(&[route("read", "/r", &["GET"])]);
+    assert!(find(&t, Method::GET, "/r").is_some());
+    let lower = Method::from_bytes(b"get").unwrap();
+    assert!(find(&t, lower, "/r").is_none(), "`get` is not `GET`");
 }
 
 #[test]
@@ -154,8 +166,8 @@ fn decoded_segments_match_and_are_re_encoded_for_the_upstream() {
     assert_eq!(NormalizedPath::parse("/a/b/..").unwrap().encode(0), "/a/");
     assert_eq!(NormalizedPath::parse("/").unwrap().encode(0), "/");
     assert_eq!(
-        NormalizedPath::parse("/a:b@c;d=e").unwrap().encode(0),
-        "/a:b@c;d=e"
+        NormalizedPath::parse("/a:b@c,d=e").unwrap().encode(0),
+        "/a:b@c,d=e"
     );
 }
 
