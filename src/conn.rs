@@ -19,11 +19,9 @@ pub struct Lifecycle {
 /// Facts about the connection a request arrived on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The client as the gateway believes it: the PROXY header's source when the socket
-    /// peer is trusted, else the socket peer.
+    /// The peer as the gateway believes it: the PROXY header's source when the TCP peer
+    /// is trusted, else the TCP peer.
     pub peer: SocketAddr,
-    /// The TCP peer.
-    pub socket_peer: SocketAddr,
     /// Whether the client connected over TLS.
     pub tls: bool,
     /// Shutdown signal and drain guard, for work that outlives the request.

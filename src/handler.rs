@@ -379,8 +379,10 @@ fn rewrite_headers(
         let authority = request.uri().authority()?;
         HeaderValue::from_str(authority.as_str()).ok()
     });
+    // With the PROXY protocol the peer is the address its header carries: a client behind
+    // a trusted L4 balancer is still an untrusted client.
     let proxies = &snapshot.config.trusted_proxies;
-    let peer_trusted = client_ip::is_trusted(proxies, ctx.conn.socket_peer.ip());
+    let peer_trusted = client_ip::is_trusted(proxies, ctx.conn.peer.ip());
     let headers = request.headers_mut();
     headers::strip_hop_by_hop(headers);
     headers::strip_identity(headers, &snapshot.identity_headers);

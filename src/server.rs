@@ -213,7 +213,6 @@ async fn connection<H: Handler>(
     }
     let info = ConnInfo {
         peer,
-        socket_peer,
         tls: listener.tls.is_some(),
         lifecycle: Lifecycle {
             shutdown: ctx.shutdown.clone(),

@@ -829,3 +829,43 @@ async fn the_workspace_must_be_given_exactly_once() {
         (StatusCode::UNAUTHORIZED, Some("auth.missing_token"))
     );
 }
+
+#[tokio::test]
+async fn identity_headers_spelled_with_underscores_are_stripped_too() {
+    let (gw, _up) = gateway_with(&secret_yaml(), Default::default()).await;
+    let token = bearer(&jwt("", json!([])));
+    let result = call(
+        gw.http,
+        "/open/x",
+        &[
+            ("authorization", &token),
+            ("x_orcheo_subject", "root"),
+            ("X_Orcheo_Scopes", "admin:tokens:write"),
+            ("x-orcheo_identity", "forged"),
+        ],
+    )
+    .await;
+    assert_eq!(result.0, StatusCode::OK);
+    let seen = upstream_headers(&result);
+    for name in ["x_orcheo_subject", "x_orcheo_scopes", "x-orcheo_identity"] {
+        assert!(seen.get(name).is_none(), "{name} was forwarded: {seen}");
+    }
+    assert_eq!(seen["x-orcheo-subject"][0], "alice");
+}
+
+#[tokio::test]
+async fn an_identity_that_cannot_be_a_header_value_fails_the_request() {
+    let (gw, _up) = gateway_with(&secret_yaml(), Default::default()).await;
+    let token = sign(
+        Algorithm::HS256,
+        None,
+        &json!({"sub": "alice\r\nx-orcheo-scopes: admin", "exp": now() + 600}),
+    );
+    let result = call(gw.http, "/open/x", &[("authorization", &bearer(&token))]).await;
+    assert_refused(
+        &result,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "Internal gateway error",
+    );
+}

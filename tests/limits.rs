@@ -187,3 +187,32 @@ async fn proxy_protocol_sets_the_client_address_only_from_trusted_peers() {
         "an untrusted PROXY header is not believed: {answer}"
     );
 }
+
+#[tokio::test]
+async fn a_client_behind_a_trusted_l4_balancer_cannot_set_forwarding_headers() {
+    let up = echo_upstream().await;
+    let gw = gateway(&format!(
+        "listen: {{http: ['127.0.0.1:0'], proxy_protocol: true}}\nadmin: {{listen: '127.0.0.1:0'}}\nupstreams: {{default: {{url: '{}'}}}}\nroutes: [{{name: all, path: '/**'}}]\ntrusted_proxies: ['127.0.0.1']\n",
+        up.url()
+    ))
+    .await;
+    // The balancer (127.0.0.1, trusted) says the client is 198.51.100.23, which is not.
+    let request = b"PROXY TCP4 198.51.100.23 10.0.0.1 40000 443\r\nGET /who HTTP/1.1\r\nhost: gw\r\nx-forwarded-for: 6.6.6.6\r\nx-forwarded-proto: https\r\nx-forwarded-host: evil.example\r\nforwarded: for=6.6.6.6\r\nx-real-ip: 6.6.6.6\r\nx-original-url: /admin\r\nconnection: close\r\n\r\n";
+    let answer = raw(gw.http, request, Duration::from_secs(5)).await;
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    let headers = &echo["headers"];
+    assert_eq!(
+        headers["x-forwarded-for"],
+        serde_json::json!(["198.51.100.23"]),
+        "{echo}"
+    );
+    assert_eq!(headers["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert_eq!(headers["x-forwarded-host"], serde_json::json!(["gw"]));
+    for name in ["forwarded", "x-real-ip", "x-original-url"] {
+        assert!(
+            headers.get(name).is_none(),
+            "{name} reached the upstream: {echo}"
+        );
+    }
+}

@@ -282,3 +282,89 @@ async fn h2c_prior_knowledge_is_served() {
         format!("h2.example:{}", gw.http.port())
     );
 }
+
+#[tokio::test]
+async fn request_rewriting_headers_are_believed_only_from_trusted_proxies() {
+    let up = echo_upstream().await;
+    let spoof = [
+        ("x-real-ip", "6.6.6.6"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("x-original-uri", "/admin"),
+        ("x-original-method", "DELETE"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-port", "8443"),
+        ("x-forwarded-uri", "/admin"),
+        ("x-forwarded-method", "DELETE"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+    ];
+    let config = |trusted: &str| {
+        yaml(
+            &up.url(),
+            &format!("routes: [{{name: all, path: '/**'}}]\ntrusted_proxies: [{trusted}]\n"),
+        )
+    };
+    let untrusted = gateway(&config("")).await;
+    let (status, _, echo) = call(untrusted.http, "/x", &spoof).await;
+    assert_eq!(status, StatusCode::OK);
+    for (name, _) in spoof {
+        assert!(
+            echo["headers"].get(name).is_none(),
+            "{name} was forwarded: {echo}"
+        );
+    }
+    let trusted = gateway(&config("'127.0.0.1'")).await;
+    let (_, _, echo) = call(trusted.http, "/x", &spoof).await;
+    for (name, value) in spoof {
+        assert_eq!(
+            echo["headers"][name][0], value,
+            "{name} from a trusted proxy"
+        );
+    }
+}
+
+#[tokio::test]
+async fn credentials_in_the_query_never_reach_the_upstream() {
+    let up = echo_upstream().await;
+    let gw = gateway(&yaml(&up.url(), "routes: [{name: all, path: '/**'}]\n")).await;
+    for (target, kept) in [
+        ("/x?token=secret&a=1", Some("a=1")),
+        ("/x?a=1&access_token=secret", Some("a=1")),
+        (
+            "/x?TOKEN=secret&%74oken=s2&access%5Ftoken=s3&b=2",
+            Some("b=2"),
+        ),
+        ("/x?token=secret", None),
+    ] {
+        let (status, _, echo) = call(gw.http, target, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(echo["query"].as_str(), kept, "{target}");
+    }
+}
+
+#[tokio::test]
+async fn semicolons_in_path_segments_and_lower_case_methods_do_not_pass() {
+    let up = echo_upstream().await;
+    let gw = gateway(&yaml(
+        &up.url(),
+        "routes: [{name: read, path: '/api/**', methods: [GET]}]\n",
+    ))
+    .await;
+    for target in ["/api/..;/admin", "/api/x;jsessionid=1", "/api/x%3By"] {
+        let (status, _, body) = call(gw.http, target, &[]).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("request.invalid")),
+            "{target}"
+        );
+    }
+    let answer = raw(
+        gw.http,
+        b"get /api/x HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}

@@ -18,6 +18,24 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 /// `X-Forwarded-Host`.
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Headers that tell an upstream what the request "really" was (its client, URL, method,
+/// prefix): believed only from trusted proxies, removed from everyone else's requests so a
+/// client cannot rewrite what the upstream thinks it asked for.
+const FORWARDED_BY_PROXIES: [HeaderName; 12] = [
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+    HeaderName::from_static("x-original-method"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-uri"),
+    HeaderName::from_static("x-forwarded-method"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still meet).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -61,9 +79,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Removes the inbound identity headers: they must never reach the upstream.
+/// Removes the inbound identity headers: they must never reach the upstream. A name
+/// that equals one once `_` is read as `-` (`X_Orcheo_Subject`) goes too: WSGI and CGI
+/// upstreams merge the two spellings into one variable.
 pub fn strip_identity(headers: &mut HeaderMap, names: &IdentityHeaderNames) {
     for name in names.all() {
+        headers.remove(name);
+    }
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| {
+            let dashed = name.as_str().replace('_', "-");
+            names.all().iter().any(|n| n.as_str() == dashed)
+        })
+        .cloned()
+        .collect();
+    for name in lookalikes {
         headers.remove(name);
     }
 }
@@ -148,7 +180,8 @@ pub fn set_identity(
 
 /// What the forwarding headers are built from.
 pub struct Forwarding<'a> {
-    /// The address the request came from (after PROXY protocol).
+    /// The address the request came from: with the PROXY protocol, the address its header
+    /// carries.
     pub peer: IpAddr,
     /// Whether `peer` is a trusted proxy, whose forwarding headers are kept and extended.
     pub peer_trusted: bool,
@@ -185,6 +218,9 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
     }
     if !fwd.peer_trusted {
         headers.remove(header::FORWARDED);
+        for name in &FORWARDED_BY_PROXIES {
+            headers.remove(name);
+        }
     }
     headers.insert(X_REQUEST_ID, fwd.request_id.clone());
 }
