@@ -28,7 +28,7 @@ mod activity;
 pub mod proxy_protocol;
 pub mod tls;
 
-use activity::{Activity, Tracked};
+use activity::{Activity, Guarded, Tracked};
 
 /// Admin connections have their own small limit, so a flood on the main listeners
 /// never locks operators out of `/metrics` and `/readyz`.
@@ -244,10 +244,12 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own limit sits well above ours: requests between the two get the
     // gateway's JSON 431; only grossly oversized heads meet hyper's bare 431.
+    // No hyper header timeout: hyper starts it while a kept-alive connection waits for
+    // its next request, which would cut idle connections long before `idle_timeout`. The
+    // watchdog bounds request heads instead, from their first byte.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.get())
         .max_buf_size((max_head * 2 + 4096).max(8192))
         .keep_alive(true);
     builder
@@ -269,13 +271,13 @@ where
     let info = Arc::new(info);
     let tracker = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
-        let guard = tracker.begin_request();
+        let (in_flight, handling) = tracker.begin_request();
         let handler = handler.clone();
         let info = info.clone();
         async move {
             let response = handler.handle(&info, request).await;
-            drop(guard);
-            Ok::<_, Infallible>(response)
+            drop(handling);
+            Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
         }
     });
     let builder = builder(&ctx.limits);
@@ -303,6 +305,14 @@ where
                 // off outright, whatever the protocol: it holds a slot and gives nothing.
                 if activity.requests_started() == 0 && activity.age() >= header_timeout {
                     tracing::debug!("closing connection: no request head within the header timeout");
+                    break;
+                }
+                if activity.head_arriving_for().is_some_and(|t| t >= header_timeout) {
+                    tracing::debug!("closing connection: request head not complete within the header timeout");
+                    break;
+                }
+                if activity.sending_stalled(idle_timeout) {
+                    tracing::debug!("closing connection: the client stopped reading its response");
                     break;
                 }
                 if !closing && activity.in_flight() == 0 && activity.idle_for() >= idle_timeout {

@@ -216,3 +216,90 @@ async fn a_client_behind_a_trusted_l4_balancer_cannot_set_forwarding_headers() {
         );
     }
 }
+
+#[tokio::test]
+async fn keep_alive_connections_stay_open_for_the_idle_timeout() {
+    // The header timeout is far shorter than the idle timeout: waiting for the next
+    // request on a kept-alive connection is idleness, not a slow request head.
+    let (gw, _up) = echo_gateway("limits: {header_read_timeout: 300ms, idle_timeout: 3s}\n").await;
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    let request = b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n";
+    let mut buffer = vec![0u8; 65536];
+    for round in 0..3 {
+        stream.write_all(request).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "round {round}: the kept-alive connection was closed");
+        assert!(buffer[..n].starts_with(b"HTTP/1.1 200"), "round {round}");
+        // Idle between requests for longer than the header timeout.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_later_request_head_must_also_arrive_within_the_header_timeout() {
+    let (gw, _up) = echo_gateway("limits: {header_read_timeout: 500ms, idle_timeout: 10s}\n").await;
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = vec![0u8; 65536];
+    let n = stream.read(&mut buffer).await.unwrap();
+    assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+    // The next head trickles in, a byte at a time, never complete.
+    let started = Instant::now();
+    let mut cut = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stream.write_all(b"X").await.is_err() {
+            cut = true;
+            break;
+        }
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buffer)).await
+        {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "a trickled request head held the connection");
+    // Generous: the header timeout is 500 ms, the idle timeout 10 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn http2_pings_do_not_keep_an_idle_connection_open() {
+    let (gw, _up) = echo_gateway("limits: {idle_timeout: 1s}\n").await;
+    let stream = TcpStream::connect(gw.http).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let ended = tokio::spawn(connection);
+    let request = Request::get("http://gw/x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        sender.send_request(request).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(6), ended).await;
+    assert!(closed.is_ok(), "PINGs kept an idle HTTP/2 connection open");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -1,9 +1,11 @@
-//! Per-connection activity: when bytes last moved, how many requests are in flight and
-//! how many have started. Lock-free, because every read and write touches it.
+//! Per-connection activity: how many requests are in flight (a request stays in flight
+//! until its response body has been sent), since when none has been, and whether the
+//! next HTTP/1 request head has begun to arrive. Bytes alone (an HTTP/2 PING, an empty
+//! frame) never make a connection busy. Lock-free, because every read touches it.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -11,12 +13,27 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+/// Stored in `head_since_ms` when no request head is arriving.
+const NO_HEAD: u64 = u64::MAX;
+
 /// Activity counters of one connection.
 pub struct Activity {
     opened: Instant,
-    /// Milliseconds since `opened` at the last read or write that moved bytes.
-    last_io_ms: AtomicU64,
+    /// Milliseconds since `opened` when the last request finished (0: none yet).
+    idle_since_ms: AtomicU64,
+    /// Milliseconds since `opened` of the first byte read while no request was in
+    /// flight: the start of the next request head ([`NO_HEAD`] when none is arriving).
+    head_since_ms: AtomicU64,
+    /// The client spoke HTTP/2 (its preface was the first thing read).
+    http2: AtomicBool,
+    /// Whether anything was read yet.
+    read_any: AtomicBool,
+    /// Milliseconds since `opened` of the last write that moved bytes.
+    last_write_ms: AtomicU64,
+    /// Requests not yet answered in full (their response body is still being sent).
     in_flight: AtomicUsize,
+    /// Requests whose handler is still deciding on the response.
+    handling: AtomicUsize,
     started: AtomicU64,
 }
 
@@ -25,15 +42,19 @@ impl Activity {
     pub fn new() -> Self {
         Activity {
             opened: Instant::now(),
-            last_io_ms: AtomicU64::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            head_since_ms: AtomicU64::new(NO_HEAD),
+            http2: AtomicBool::new(false),
+            read_any: AtomicBool::new(false),
+            last_write_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            handling: AtomicUsize::new(0),
             started: AtomicU64::new(0),
         }
     }
 
-    fn touch(&self) {
-        let now = self.opened.elapsed().as_millis() as u64;
-        self.last_io_ms.store(now, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
     }
 
     /// Time since the connection was opened.
@@ -41,15 +62,37 @@ impl Activity {
         self.opened.elapsed()
     }
 
-    /// Time since bytes last moved in either direction.
+    /// Time since the last request finished (or the connection opened), whatever bytes
+    /// moved since.
     pub fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed));
-        self.opened.elapsed().saturating_sub(last)
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        self.opened.elapsed().saturating_sub(since)
     }
 
-    /// Requests whose handler is still running.
+    /// How long the current HTTP/1 request head has been arriving, if one is.
+    pub fn head_arriving_for(&self) -> Option<Duration> {
+        if self.http2.load(Ordering::Relaxed) {
+            return None;
+        }
+        let since = self.head_since_ms.load(Ordering::Acquire);
+        (since != NO_HEAD).then(|| {
+            self.opened
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since))
+        })
+    }
+
+    /// Requests not yet answered in full.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether a response body is being sent and no byte was written for `limit`: a
+    /// client that stopped reading holds its connection only that long.
+    pub fn sending_stalled(&self, limit: Duration) -> bool {
+        let sending = self.in_flight() > self.handling.load(Ordering::Acquire);
+        let last = Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed));
+        sending && self.opened.elapsed().saturating_sub(last) >= limit
     }
 
     /// Requests whose head was received so far.
@@ -57,26 +100,59 @@ impl Activity {
         self.started.load(Ordering::Acquire)
     }
 
-    /// Marks a request as started; it counts as in flight until the guard drops.
-    pub fn begin_request(self: &Arc<Self>) -> RequestGuard {
+    /// Marks a request as started: it is in flight until the first guard drops (with its
+    /// response body) and being handled until the second drops (when the handler returns).
+    pub fn begin_request(self: &Arc<Self>) -> (RequestGuard, HandlingGuard) {
         self.started.fetch_add(1, Ordering::AcqRel);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.touch();
-        RequestGuard(self.clone())
+        self.handling.fetch_add(1, Ordering::AcqRel);
+        self.head_since_ms.store(NO_HEAD, Ordering::Release);
+        self.wrote();
+        (RequestGuard(self.clone()), HandlingGuard(self.clone()))
+    }
+
+    fn wrote(&self) {
+        self.last_write_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes were read: the first ones tell the protocol, and on an idle connection they
+    /// start the next request head.
+    fn read(&self, bytes: &[u8]) {
+        if !self.read_any.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        if self.in_flight() == 0 && self.head_since_ms.load(Ordering::Acquire) == NO_HEAD {
+            self.head_since_ms.store(self.now_ms(), Ordering::Release);
+        }
     }
 }
 
-/// Ends an in-flight request when dropped (also when the handler future is cancelled).
+/// Ends a request's handling when dropped.
+pub struct HandlingGuard(Arc<Activity>);
+
+impl Drop for HandlingGuard {
+    fn drop(&mut self) {
+        self.0.handling.fetch_sub(1, Ordering::AcqRel);
+        self.0.wrote();
+    }
+}
+
+/// Ends an in-flight request when dropped: when its response body is done, or when the
+/// handler or the body is dropped unfinished.
 pub struct RequestGuard(Arc<Activity>);
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.touch();
+        let activity = &self.0;
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity
+                .idle_since_ms
+                .store(activity.now_ms(), Ordering::Release);
+        }
     }
 }
 
-/// An I/O stream that records activity on every read or write that moves bytes.
+/// An I/O stream that reports what it reads to the connection's activity.
 pub struct Tracked<IO> {
     inner: IO,
     activity: Arc<Activity>,
@@ -98,7 +174,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.read(&buf.filled()[before..]);
         }
         result
     }
@@ -112,7 +188,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         result
     }
@@ -124,7 +200,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         result
     }
@@ -139,5 +215,45 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A response body that keeps its request in flight until the body has been sent.
+pub struct Guarded<B> {
+    inner: B,
+    guard: Option<RequestGuard>,
+}
+
+impl<B> Guarded<B> {
+    /// `inner`, holding `guard` until its last frame.
+    pub fn new(inner: B, guard: RequestGuard) -> Self {
+        Guarded {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
