@@ -129,12 +129,7 @@ impl Gateway {
         let shared = Arc::new(Shared::new(snapshot, services, signer, limiter, source));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain, drained) = mpsc::channel(1);
-        let ctx = ServerContext {
-            shared: shared.clone(),
-            limits,
-            shutdown: shutdown_rx,
-            drain: drain.clone(),
-        };
+        let ctx = ServerContext::new(shared.clone(), limits, shutdown_rx, drain.clone());
         let mut addresses = Addresses::default();
         let mut tasks = Vec::new();
         for (listener, role, tls) in listeners {

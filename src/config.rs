@@ -120,6 +120,11 @@ pub struct Limits {
     pub websocket_max_message: ByteSize,
     /// A WebSocket with no frame in either direction for this long is closed with 1001.
     pub websocket_idle_timeout: Dur,
+    /// WebSocket connections relayed at once; beyond it upgrades get 503.
+    pub max_websockets: usize,
+    /// Connections open at once from one client address (the PROXY header's, when
+    /// believed); beyond it new ones are closed at accept. 0 turns the cap off.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -133,6 +138,8 @@ impl Default for Limits {
             max_tracked_clients: 100_000,
             websocket_max_message: ByteSize(16 * 1024 * 1024),
             websocket_idle_timeout: Dur::secs(600),
+            max_websockets: 10_000,
+            max_connections_per_ip: 0,
         }
     }
 }

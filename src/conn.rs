@@ -2,7 +2,9 @@
 //! request (a WebSocket relay) ends with the gateway. `server` fills these in; the
 //! request pipeline and the relay only read them.
 
+use std::any::Any;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
@@ -14,6 +16,10 @@ pub struct Lifecycle {
     pub shutdown: watch::Receiver<bool>,
     /// Held while the work runs.
     pub drain: mpsc::Sender<()>,
+    /// The connection's places under the connection limits (`max_connections`,
+    /// `max_connections_per_ip`), given back when the last holder lets go: an upgraded
+    /// WebSocket keeps them until its relay ends.
+    pub slot: Arc<dyn Any + Send + Sync>,
 }
 
 /// Facts about the connection a request arrived on.

@@ -53,6 +53,9 @@ pub enum GatewayError {
     /// The token store cannot be reached (admin API).
     #[error("service token store unavailable")]
     StoreUnavailable,
+    /// `limits.max_websockets` relays are open already (503).
+    #[error("too many WebSocket connections")]
+    TooManyWebSockets,
     /// The gateway's own failure (a signing key that fails, a value it built that is not
     /// valid): 500, never blamed on the upstream or the client.
     #[error("internal error: {0}")]
@@ -90,6 +93,7 @@ impl GatewayError {
             GatewayError::TokenRevoked(_) => "token.revoked",
             GatewayError::StoreUnavailable => "auth.backend_unavailable",
             GatewayError::Internal(_) => "internal",
+            GatewayError::TooManyWebSockets => "upstream.unavailable",
             GatewayError::RateLimited(limited) => match limited.kind {
                 Kind::Ip => "auth.rate_limited.ip",
                 Kind::Identity => "auth.rate_limited.identity",
@@ -115,6 +119,7 @@ impl GatewayError {
             GatewayError::TokenConflict(_) | GatewayError::TokenRevoked(_) => StatusCode::CONFLICT,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::TooManyWebSockets => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -138,6 +143,7 @@ impl GatewayError {
             }
             GatewayError::StoreUnavailable => "Service token store is unavailable".into(),
             GatewayError::Internal(_) => "Internal gateway error".into(),
+            GatewayError::TooManyWebSockets => "Upstream service is unavailable".into(),
             GatewayError::RateLimited(limited) => match limited.kind {
                 Kind::Ip => format!(
                     "Too many authentication attempts from IP {}",
@@ -164,7 +170,7 @@ impl GatewayError {
                     .headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from(limited.retry_after));
             }
-            GatewayError::StoreUnavailable => {
+            GatewayError::StoreUnavailable | GatewayError::TooManyWebSockets => {
                 response
                     .headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_UNAVAILABLE));

@@ -306,6 +306,12 @@ async fn forward_websocket(
     caller: &Caller,
     timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
+    let websocket_slot = ctx
+        .shared
+        .websockets
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| GatewayError::TooManyWebSockets)?;
     let stream = upstream.connect().await?;
     let limits = &ctx.snapshot.config.limits;
     let settings = websocket::RelaySettings {
@@ -314,6 +320,7 @@ async fn forward_websocket(
         metrics: ctx.shared.metrics.clone(),
         store: ctx.shared.services.store.clone(),
         lifecycle: ctx.conn.lifecycle.clone(),
+        websocket_slot: Arc::new(websocket_slot),
     };
     let watched =
         websocket::WatchedCredential::new(caller.identity.clone(), caller.token.as_deref());

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub jwt_signature_checks: prometheus::IntCounter,
     /// `tls_reloads_total{result}`: certificate reloads after a file change.
     pub tls_reloads: IntCounterVec,
+    /// `connections_refused_total{reason}`: connections closed at accept (`per_ip`).
+    pub connections_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -186,8 +188,18 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "connections_refused_total",
+                "Client connections closed at accept, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        connections_refused.with_label_values(&["per_ip"]);
         for collector in [
             Box::new(token_store_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_refused.clone()),
             Box::new(jwt_signature_checks.clone()),
             Box::new(tls_reloads.clone()),
             Box::new(websocket_connections.clone()),
@@ -241,6 +253,7 @@ impl Metrics {
             token_store_errors,
             jwt_signature_checks,
             tls_reloads,
+            connections_refused,
         }
     }
 

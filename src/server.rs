@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
@@ -25,10 +25,12 @@ use crate::conn::{stopped, ConnInfo, Lifecycle};
 use crate::state::Shared;
 
 mod activity;
+mod per_ip;
 pub mod proxy_protocol;
 pub mod tls;
 
 use activity::{Activity, Guarded, Tracked};
+use per_ip::PerIp;
 
 /// Admin connections have their own small limit, so a flood on the main listeners
 /// never locks operators out of `/metrics` and `/readyz`.
@@ -101,6 +103,7 @@ impl Listener {
 
 /// What a connection needs of the listener that accepted it.
 struct Accepted {
+    role: Role,
     tls: Option<TlsAcceptor>,
     proxy_protocol: bool,
 }
@@ -116,6 +119,29 @@ pub struct ServerContext {
     pub shutdown: watch::Receiver<bool>,
     /// Held by every connection task; the drain waits until all are dropped.
     pub drain: mpsc::Sender<()>,
+    /// Places for client connections over all proxy listeners (`max_connections`).
+    proxy_slots: Arc<Semaphore>,
+    /// Connections per client address (`max_connections_per_ip`).
+    per_ip: Arc<PerIp>,
+}
+
+impl ServerContext {
+    /// What the listeners of one gateway share; `limits` are fixed at start-up.
+    pub fn new(
+        shared: Arc<Shared>,
+        limits: Limits,
+        shutdown: watch::Receiver<bool>,
+        drain: mpsc::Sender<()>,
+    ) -> Self {
+        ServerContext {
+            proxy_slots: Arc::new(Semaphore::new(limits.max_connections)),
+            per_ip: PerIp::new(limits.max_connections_per_ip),
+            shared,
+            limits,
+            shutdown,
+            drain,
+        }
+    }
 }
 
 /// Accepts connections on `listener` until shutdown; `handler` answers their requests.
@@ -126,15 +152,15 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
         tls,
         proxy_protocol,
     } = listener;
-    let permits = match role {
-        Role::Proxy => ctx.limits.max_connections,
-        Role::Admin => ADMIN_MAX_CONNECTIONS,
+    let semaphore = match role {
+        Role::Proxy => ctx.proxy_slots.clone(),
+        Role::Admin => Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)),
     };
-    let semaphore = Arc::new(Semaphore::new(permits));
     // Connections hold only what they need of the listener, not its socket: when this
     // loop ends the socket closes at once, so a draining gateway refuses new clients
     // instead of leaving them in the backlog.
     let accepted_on = Arc::new(Accepted {
+        role,
         tls,
         proxy_protocol,
     });
@@ -164,8 +190,7 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
         let ctx = ctx.clone();
         let handler = handler.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            connection(stream, socket_peer, &accepted_on, ctx, handler).await;
+            connection(stream, socket_peer, permit, &accepted_on, ctx, handler).await;
         });
     }
 }
@@ -182,6 +207,7 @@ impl Drop for OpenGuard {
 async fn connection<H: Handler>(
     mut stream: TcpStream,
     socket_peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
     listener: &Accepted,
     ctx: ServerContext,
     handler: Arc<H>,
@@ -211,12 +237,27 @@ async fn connection<H: Handler>(
             }
         }
     }
+    // The admin listener is not capped per address: a busy scraper must not lock itself out.
+    let capped = listener.role == Role::Proxy;
+    let Some(ip_slot) = capped
+        .then(|| ctx.per_ip.acquire(peer.ip()))
+        .unwrap_or(Some(None))
+    else {
+        ctx.shared
+            .metrics
+            .connections_refused
+            .with_label_values(&["per_ip"])
+            .inc();
+        tracing::debug!(%peer, "closing connection: too many connections from this address");
+        return;
+    };
     let info = ConnInfo {
         peer,
         tls: listener.tls.is_some(),
         lifecycle: Lifecycle {
             shutdown: ctx.shutdown.clone(),
             drain: ctx.drain.clone(),
+            slot: Arc::new((permit, ip_slot)),
         },
     };
     let Some(acceptor) = &listener.tls else {

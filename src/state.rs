@@ -132,6 +132,8 @@ pub struct Shared {
     pub limiter: RateLimiter,
     /// Where to reload the configuration from.
     pub source: ConfigSource,
+    /// Places for relayed WebSockets (`limits.max_websockets`, fixed at start-up).
+    pub websockets: Arc<tokio::sync::Semaphore>,
     draining: AtomicBool,
     listeners_bound: AtomicBool,
 }
@@ -145,7 +147,9 @@ impl Shared {
         limiter: RateLimiter,
         source: ConfigSource,
     ) -> Self {
+        let max_websockets = snapshot.config.limits.max_websockets;
         Shared {
+            websockets: Arc::new(tokio::sync::Semaphore::new(max_websockets)),
             limiter,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: services.metrics.clone(),

@@ -303,3 +303,43 @@ async fn http2_pings_do_not_keep_an_idle_connection_open() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn connections_per_address_are_capped_when_asked() {
+    let (gw, _up) = echo_gateway("limits: {max_connections_per_ip: 2}\n").await;
+    let request = b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n";
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(gw.http).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut buffer = [0u8; 4096];
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+        open.push(stream);
+    }
+    // A third connection from the same address is closed at once, unanswered.
+    let answer = raw(gw.http, request, Duration::from_secs(5)).await;
+    assert!(answer.is_empty(), "{answer}");
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"orcheo_gateway_connections_refused_total{reason="per_ip"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    // A place comes back when a connection closes.
+    drop(open.pop());
+    let served = eventually(Duration::from_secs(5), || async {
+        raw(
+            gw.http,
+            b"GET /x HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
+            Duration::from_secs(2),
+        )
+        .await
+        .starts_with("HTTP/1.1 200")
+    })
+    .await;
+    assert!(served);
+}

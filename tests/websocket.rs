@@ -569,3 +569,51 @@ async fn a_thousand_concurrent_connections() {
     .await;
     assert!(drained, "every relay ended");
 }
+
+#[tokio::test]
+async fn an_upgraded_websocket_keeps_its_connection_slot_and_the_relay_cap_holds() {
+    let (upstream, _) = ws_upstream().await;
+    let gw = ws_gateway(
+        upstream,
+        "limits: {max_connections: 2, max_websockets: 1}\n",
+        Default::default(),
+    )
+    .await;
+    let path = format!("/ws/workflow/a?token={}", token_with(600));
+    let (mut first, _) = connect(&gw, &path, &[]).await.unwrap();
+    hello(&mut first).await;
+    // The relay cap (1) is reached: a second upgrade is refused with 503, not relayed.
+    let refused = connect(&gw, &path, &[]).await.unwrap_err();
+    let WsError::Http(response) = refused else {
+        panic!("expected an HTTP refusal, got {refused:?}");
+    };
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+    assert_eq!(body["code"], "upstream.unavailable");
+    // The open relay still holds one of the two connection places: with one more
+    // connection open, a third is not accepted.
+    let mut held = TcpStream::connect(gw.http).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut held, b"GET /plain/x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 1024];
+    let n = tokio::io::AsyncReadExt::read(&mut held, &mut buffer)
+        .await
+        .unwrap();
+    assert!(buffer[..n].starts_with(b"HTTP/1.1 "), "the second connection is served");
+    let waiting = tokio::time::timeout(Duration::from_millis(500), get(gw.http, "/plain/y")).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served while a WebSocket held a place"
+    );
+    // When the WebSocket ends, its place comes back.
+    first.close(None).await.unwrap();
+    drop(first);
+    let served = tokio::time::timeout(Duration::from_secs(5), get(gw.http, "/plain/z")).await;
+    // Without a credential this route answers 401: an answer is what counts here.
+    assert_eq!(
+        served.expect("served once the WebSocket ended").0,
+        StatusCode::UNAUTHORIZED
+    );
+}

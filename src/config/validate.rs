@@ -81,6 +81,9 @@ fn check_limits(config: &Config, errors: &mut ConfigErrors) {
     if limits.max_connections == 0 {
         errors.push("limits.max_connections", "must be at least 1");
     }
+    if limits.max_websockets == 0 {
+        errors.push("limits.max_websockets", "must be at least 1");
+    }
     if limits.max_tracked_clients == 0 {
         errors.push("limits.max_tracked_clients", "must be at least 1");
     }

@@ -14,7 +14,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -109,8 +109,10 @@ pub struct RelaySettings {
     pub metrics: Metrics,
     /// The token store, for revocation and expiry changes.
     pub store: Arc<dyn TokenStore>,
-    /// Shutdown signal and drain guard.
+    /// Shutdown signal, drain guard and the connection's places under the limits.
     pub lifecycle: Lifecycle,
+    /// The relay's place under `limits.max_websockets`, held until it ends.
+    pub websocket_slot: Arc<OwnedSemaphorePermit>,
 }
 
 /// Buffer sizes of each relayed socket. The library's default of 128 KiB per read
