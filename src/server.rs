@@ -239,10 +239,12 @@ async fn connection<H: Handler>(
     }
     // The admin listener is not capped per address: a busy scraper must not lock itself out.
     let capped = listener.role == Role::Proxy;
-    let Some(ip_slot) = capped
-        .then(|| ctx.per_ip.acquire(peer.ip()))
-        .unwrap_or(Some(None))
-    else {
+    let acquired = if capped {
+        ctx.per_ip.acquire(peer.ip())
+    } else {
+        Some(None)
+    };
+    let Some(ip_slot) = acquired else {
         ctx.shared
             .metrics
             .connections_refused

@@ -601,7 +601,10 @@ async fn an_upgraded_websocket_keeps_its_connection_slot_and_the_relay_cap_holds
     let n = tokio::io::AsyncReadExt::read(&mut held, &mut buffer)
         .await
         .unwrap();
-    assert!(buffer[..n].starts_with(b"HTTP/1.1 "), "the second connection is served");
+    assert!(
+        buffer[..n].starts_with(b"HTTP/1.1 "),
+        "the second connection is served"
+    );
     let waiting = tokio::time::timeout(Duration::from_millis(500), get(gw.http, "/plain/y")).await;
     assert!(
         waiting.is_err(),
