@@ -139,6 +139,14 @@ impl Authenticator {
         } else {
             None
         };
+        if auth.jwt.jwks_url.is_some()
+            && auth.jwt.audience.0.is_empty()
+            && auth.jwt.issuer.is_none()
+        {
+            // A shared identity provider signs tokens for every application it serves:
+            // without an audience or issuer, all of them are accepted here.
+            tracing::warn!("auth.jwt.jwks_url is set without auth.jwt.audience or auth.jwt.issuer: every token the JWKS keys signed is accepted, whichever application it was issued for");
+        }
         if auth
             .jwt
             .secret

@@ -348,7 +348,16 @@ async fn admin_api(
         });
     let caller = guard(ctx, outcome, record).await?;
     let store = ctx.shared.services.store.as_ref();
-    tokens_api::handle(store, path, request, &caller.identity, &ctx.client).await
+    let body_timeout = ctx.snapshot.config.limits.header_read_timeout.get();
+    tokens_api::handle(
+        store,
+        path,
+        request,
+        &caller.identity,
+        &ctx.client,
+        body_timeout,
+    )
+    .await
 }
 
 fn assertion_jwks(ctx: &RequestContext<'_>) -> Result<Response<Body>, GatewayError> {

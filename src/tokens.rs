@@ -102,20 +102,43 @@ fn clean_list(items: Option<Vec<String>>) -> Option<Vec<String>> {
     })
 }
 
+/// The last second every store and the ISO 8601 form can hold (9999-12-31T23:59:59Z):
+/// a token may not end later, so no duration can wrap a timestamp.
+const LATEST: i64 = 253_402_300_799;
+
+/// `now + seconds`, when that is a time the stores can hold.
+fn later(now: Timestamp, seconds: i64, field: &str) -> Result<Timestamp, String> {
+    now.0
+        .checked_add(seconds)
+        .filter(|at| *at <= LATEST)
+        .map(Timestamp)
+        .ok_or_else(|| format!("{field} is too large: the time it gives is past the year 9999"))
+}
+
 fn check_expires_in(value: Option<i64>) -> Result<Option<i64>, String> {
     match value {
         Some(seconds) if seconds < MIN_EXPIRES_IN => Err(format!(
             "expires_in_seconds must be at least {MIN_EXPIRES_IN}"
         )),
-        other => Ok(other),
+        Some(seconds) => {
+            later(Timestamp::now(), seconds, "expires_in_seconds").map(|_| Some(seconds))
+        }
+        None => Ok(None),
     }
 }
+
+/// Ids that would mean something else: path segments (`.`, `..`) and the bootstrap
+/// token's own id.
+const RESERVED_IDS: [&str; 3] = [".", "..", "bootstrap"];
 
 fn check_identifier(value: Option<String>) -> Result<Option<String>, String> {
     match value.map(|v| v.trim().to_string()) {
         Some(id) if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(|c| c.is_control() || c == '/') => Err(
             format!("identifier must be 1 to {MAX_ID_LEN} characters, without '/' or control characters"),
         ),
+        Some(id) if RESERVED_IDS.iter().any(|r| id.eq_ignore_ascii_case(r)) => {
+            Err(format!("identifier '{id}' is reserved"))
+        }
         other => Ok(other),
     }
 }
@@ -137,7 +160,9 @@ pub fn mint(
         scopes,
         workspace_ids,
         issued_at: now,
-        expires_at: expires_in.map(|s| Timestamp(now.0 + s)),
+        expires_at: expires_in
+            .map(|s| later(now, s, "expires_in_seconds"))
+            .transpose()?,
         name: name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()),
         secret_preview: Some(secret[secret.len() - 4..].to_string()),
         ..TokenRecord::default()
@@ -178,7 +203,7 @@ pub fn rotate(
         expires_in,
     )?;
     new.rotated_from = Some(old.identifier.clone());
-    let end = Timestamp(Timestamp::now().0 + overlap);
+    let end = later(Timestamp::now(), overlap, "overlap_seconds")?;
     let mut ended = old.clone();
     ended.expires_at = Some(old.expires_at.map_or(end, |at| at.min(end)));
     ended.rotation_expires_at = Some(end);

@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 use crate::auth::identity::Identity;
 use crate::body::{self, Body};
@@ -41,13 +42,15 @@ pub fn scope_for(method: &Method) -> &'static str {
     }
 }
 
-/// Answers one API request from an already authorized caller.
+/// Answers one API request from an already authorized caller. A request body must
+/// arrive whole within `body_timeout`.
 pub async fn handle(
     store: &dyn TokenStore,
     path: &NormalizedPath,
     request: Request<Incoming>,
     caller: &Identity,
     client_ip: &str,
+    body_timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
     let rest: Vec<&str> = path.segments[PREFIX.len()..]
         .iter()
@@ -64,21 +67,30 @@ pub async fn handle(
     };
     let method = request.method().clone();
     match (method, rest.as_slice()) {
-        (Method::POST, []) => create(store, body(request).await?, &actor).await,
+        (Method::POST, []) => create(store, body(request, body_timeout).await?, &actor).await,
         (Method::GET, []) => list(store, request.uri().query()).await,
         (Method::GET, [id]) => show(store, id).await,
-        (Method::POST, [id, "rotate"]) => rotate(store, id, body(request).await?, &actor).await,
-        (Method::DELETE, [id]) => revoke(store, id, body(request).await?, &actor).await,
+        (Method::POST, [id, "rotate"]) => {
+            rotate(store, id, body(request, body_timeout).await?, &actor).await
+        }
+        (Method::DELETE, [id]) => {
+            revoke(store, id, body(request, body_timeout).await?, &actor).await
+        }
         (Method::GET, [id, "audit"]) => audit(store, id).await,
         _ => Err(GatewayError::RouteNotFound),
     }
 }
 
-/// Reads and parses a JSON body (an empty body is `{}`); anything else is 422.
-async fn body<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, GatewayError> {
-    let bytes: Bytes = Limited::new(request.into_body(), MAX_BODY)
-        .collect()
+/// Reads and parses a JSON body (an empty body is `{}`); anything else is 422. A body
+/// that has not arrived within `limit` is refused (400): a slow client holds no handler.
+async fn body<T: DeserializeOwned>(
+    request: Request<Incoming>,
+    limit: Duration,
+) -> Result<T, GatewayError> {
+    let collect = Limited::new(request.into_body(), MAX_BODY).collect();
+    let bytes: Bytes = tokio::time::timeout(limit, collect)
         .await
+        .map_err(|_| GatewayError::InvalidRequest("Request body did not arrive in time".into()))?
         .map_err(|_| {
             GatewayError::Unprocessable(format!(
                 "Request body must be JSON of at most {MAX_BODY} bytes"

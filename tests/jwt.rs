@@ -326,7 +326,10 @@ async fn time_claims_must_be_numbers_in_range() {
             json!({"sub": "x", "exp": 18446744073709551615u64}),
             "auth.invalid_token",
         ),
-        (json!({"sub": "x", "exp": -5}), "auth.invalid_token"),
+        (json!({"sub": "x", "exp": -5}), "auth.token_expired"),
+        (json!({"sub": "x", "exp": -1}), "auth.token_expired"),
+        (json!({"sub": "x", "exp": -1e300}), "auth.token_expired"),
+        (json!({"sub": "x", "exp": 0}), "auth.token_expired"),
         (
             json!({"sub": "x", "exp": now + 60, "nbf": "0"}),
             "auth.invalid_token",

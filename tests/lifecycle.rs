@@ -162,6 +162,25 @@ impl Process {
         panic!("no log line with {needles:?}");
     }
 
+    /// Every line up to and including the first with all of `needles`.
+    fn lines_until(&self, needles: &[&str]) -> Vec<String> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let done = needles.iter().all(|n| line.contains(n));
+                    seen.push(line);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {needles:?}");
+    }
+
     fn address(&self, role: &str) -> SocketAddr {
         let line = self.wait_for(&["listening", &format!(r#""role":"{role}""#)]);
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -409,4 +428,30 @@ async fn the_demo_prints_commands_that_work() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_remote_jwks_without_audience_or_issuer_is_warned_about_at_start_and_reload() {
+    let dir = temp_dir("jwks-warn");
+    let file = dir.join("gateway.yaml");
+    // Nothing listens on port 9: the JWKS fetch fails, which does not matter here.
+    let config = "listen: {http: ['127.0.0.1:0']}\nadmin: {listen: '127.0.0.1:0'}\nroutes: []\nauth:\n  jwt: {jwks_url: 'http://127.0.0.1:9/jwks.json'}\n";
+    std::fs::write(&file, config).unwrap();
+    let process = Process::start(&file);
+    let needle = "without auth.jwt.audience or auth.jwt.issuer";
+    let line = process.wait_for(&[needle]);
+    assert!(line.contains(r#""level":"WARN""#), "{line}");
+    process.address("proxy");
+    process.signal("HUP");
+    process.wait_for(&[needle]);
+    process.wait_for(&["configuration reloaded"]);
+    // With an audience the warning is gone.
+    std::fs::write(
+        &file,
+        config.replace("jwks_url:", "audience: [api], jwks_url:"),
+    )
+    .unwrap();
+    process.signal("HUP");
+    let lines = process.lines_until(&["configuration reloaded"]);
+    assert!(lines.iter().all(|l| !l.contains(needle)), "{lines:?}");
 }

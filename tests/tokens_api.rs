@@ -583,3 +583,93 @@ async fn a_store_outage_spares_cached_tokens_and_recovers() {
     );
     assert_eq!(get(admin, "/readyz").await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn reserved_ids_huge_durations_and_bad_bodies_are_refused() {
+    let (gw, _up) = start_store(Arc::new(MemoryStore::new())).await;
+    for id in [".", "..", "bootstrap", "BOOTSTRAP"] {
+        let (status, _, body) = api(
+            &gw,
+            Method::POST,
+            BASE,
+            Some(BOOT),
+            Some(json!({"identifier": id})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{id}: {body}");
+        assert_eq!(body["code"], "request.invalid");
+    }
+    for huge in [json!(i64::MAX), json!(9_000_000_000_000i64)] {
+        let (status, _, body) = api(
+            &gw,
+            Method::POST,
+            BASE,
+            Some(BOOT),
+            Some(json!({"expires_in_seconds": huge})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    }
+    let (status, _, _) = api(
+        &gw,
+        Method::POST,
+        BASE,
+        Some(BOOT),
+        Some(json!({"identifier": "r"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _, body) = api(
+        &gw,
+        Method::POST,
+        &format!("{BASE}/r/rotate"),
+        Some(BOOT),
+        Some(json!({"overlap_seconds": i64::MAX})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // Still usable: the refused rotation changed nothing.
+    let (_, _, shown) = api(&gw, Method::GET, &format!("{BASE}/r"), Some(BOOT), None).await;
+    assert_eq!(shown["status"], "active");
+    // A body over 64 KiB.
+    let big = json!({"identifier": "big", "name": "x".repeat(70 * 1024)});
+    let (status, _, _) = api(&gw, Method::POST, BASE, Some(BOOT), Some(big)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn an_admin_body_must_arrive_within_the_header_timeout() {
+    let up = echo_upstream().await;
+    let text = yaml(
+        &up.url(),
+        "routes: []\nlimits: {header_read_timeout: 500ms}\nauth:\n  bootstrap: {token: boot-admin-secret}\n",
+    );
+    let config = orcheo_gateway::config::load(&text, &Default::default()).unwrap();
+    let gw = Gateway::start_with_store(
+        config,
+        None,
+        Default::default(),
+        Arc::new(MemoryStore::new()),
+    )
+    .await
+    .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(gw.addresses.http[0])
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"POST /api/admin/service-tokens HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer boot-admin-secret\r\ncontent-length: 100\r\n\r\n{\"iden")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("did not arrive in time"), "{answer}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+}

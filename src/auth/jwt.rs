@@ -337,7 +337,9 @@ fn time_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, ()
         None => Ok(None),
         Some(Value::Number(n)) => n
             .as_f64()
-            .filter(|v| (0.0..=MAX_TIME_CLAIM).contains(v))
+            // Any time in the past is a time (an `exp` of -1 has expired, as PyJWT says);
+            // beyond 2^53 a number is no longer a time.
+            .filter(|v| v.is_finite() && *v <= MAX_TIME_CLAIM)
             .map(Some)
             .ok_or(()),
         Some(_) => Err(()),

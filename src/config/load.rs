@@ -51,8 +51,12 @@ pub fn load(text: &str, env: &Env) -> Result<Config, ConfigErrors> {
         })?
     };
     let mut config = parse_document(document, &mut errors);
-    env::apply(&mut config, env, &mut errors);
+    let applied = env::apply(&mut config, env, &mut errors);
+    let before = errors.0.len();
     validate::check(&config, &mut errors);
+    let mut found = ConfigErrors(errors.0.split_off(before));
+    env::attribute(&mut found, &applied);
+    errors.0.extend(found.0);
     if errors.is_empty() {
         Ok(config)
     } else {

@@ -286,6 +286,30 @@ fn bad_environment_values_are_named_by_variable() {
 }
 
 #[test]
+fn values_a_variable_set_are_checked_under_its_name() {
+    let errors = errors(
+        "auth: {jwt: {allowed_algorithms: [RS256]}}\nroutes: []\n",
+        &[
+            ("ORCHEO_AUTH_ALLOWED_ALGORITHMS", "HS256,XS999"),
+            ("ORCHEO_GATEWAY_UPSTREAM", "ftp://nowhere"),
+            ("ORCHEO_AUTH_RATE_LIMIT_INTERVAL", "0"),
+        ],
+    );
+    for key in [
+        "ORCHEO_AUTH_ALLOWED_ALGORITHMS",
+        "ORCHEO_GATEWAY_UPSTREAM",
+        "ORCHEO_AUTH_RATE_LIMIT_INTERVAL",
+    ] {
+        assert!(errors.names(key), "no error names {key}:\n{errors}");
+    }
+    assert!(!errors.names("auth.jwt.allowed_algorithms"), "{errors}");
+    assert!(errors.to_string().contains("XS999"), "{errors}");
+    // The same value in the YAML is reported under its YAML key.
+    let errors = errors_of("auth: {jwt: {allowed_algorithms: [HS256, XS999]}}\n");
+    assert!(errors.names("auth.jwt.allowed_algorithms"), "{errors}");
+}
+
+#[test]
 fn https_needs_readable_certificate_files() {
     let errors = errors("listen: {https: ['127.0.0.1:0']}", &[]);
     assert!(
