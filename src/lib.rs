@@ -29,6 +29,8 @@
 //! - [`error`]: the error enum and the one mapping to status, JSON and headers.
 //! - [`state`]: the configuration snapshot shared by requests, swapped on reload.
 //! - [`metrics`], [`access_log`], [`logging`]: observability.
+//! - [`tls_client`]: TLS towards upstreams, the JWKS endpoint and the stores: trust roots
+//!   and client configurations.
 //! - [`body`], [`files`], [`time`]: the response body type, file watching, the clock and
 //!   timestamps.
 #![forbid(unsafe_code)]
@@ -57,6 +59,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod time;
+pub mod tls_client;
 pub mod tokens;
 pub mod tokens_api;
 

@@ -18,17 +18,10 @@ use crate::body::{Body, StallTimeout};
 use crate::config::{self, Config};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
+use crate::tls_client::{self, Roots};
 
 pub mod headers;
-mod tls_client;
 pub mod websocket;
-
-pub use tls_client::{config as tls_client_config, connector as https_connector, Roots};
-
-/// The system trust roots when `needed`, for any client the gateway builds.
-pub fn tls_roots(needed: bool) -> Roots {
-    Roots::load(needed)
-}
 
 /// Idle upstream connections are kept this long for reuse; shorter than the usual 60 s+
 /// keep-alive of upstream servers, so the gateway closes first and never reuses a
@@ -52,11 +45,7 @@ pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 impl UpstreamClient {
-    fn new(
-        name: &str,
-        settings: &config::Upstream,
-        roots: &tls_client::Roots,
-    ) -> Result<Self, String> {
+    fn new(name: &str, settings: &config::Upstream, roots: &Roots) -> Result<Self, String> {
         let uri = config::check_url(&settings.url, false)?;
         let parts = uri.into_parts();
         let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
@@ -216,7 +205,7 @@ impl UpstreamSet {
             .0
             .values()
             .any(|u| u.url.starts_with("https://"));
-        let roots = tls_client::Roots::load(needs_roots);
+        let roots = Roots::load(needs_roots);
         let mut clients = HashMap::new();
         for (name, settings) in &config.upstreams.0 {
             let reused = previous

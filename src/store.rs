@@ -14,7 +14,7 @@ mod postgres;
 mod sqlite;
 
 pub use cached::CachedStore;
-pub use postgres::PostgresStore;
+pub use postgres::{check_dsn as check_postgres_dsn, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// A boxed future, so the trait can be used as `dyn TokenStore`.

@@ -91,9 +91,9 @@ impl RemoteJwks {
         let url: Uri = url
             .parse()
             .map_err(|_| format!("auth.jwt.jwks_url: `{url}` is not a URL"))?;
-        let roots = crate::proxy::tls_roots(url.scheme_str() == Some("https"));
-        let tls = crate::proxy::tls_client_config(&roots, None)?;
-        let connector = crate::proxy::https_connector(tls, Some(timeout));
+        let roots = crate::tls_client::Roots::load(url.scheme_str() == Some("https"));
+        let tls = crate::tls_client::config(&roots, None)?;
+        let connector = crate::tls_client::connector(tls, Some(timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .build(connector);

@@ -212,9 +212,9 @@ async fn call(
     let request = request
         .body(Full::new(bytes))
         .map_err(|e| Failure(2, e.to_string()))?;
-    let roots = crate::proxy::tls_roots(target.api_url.starts_with("https://"));
-    let tls = crate::proxy::tls_client_config(&roots, None).map_err(|e| Failure(2, e))?;
-    let connector = crate::proxy::https_connector(tls, Some(CALL_TIMEOUT));
+    let roots = crate::tls_client::Roots::load(target.api_url.starts_with("https://"));
+    let tls = crate::tls_client::config(&roots, None).map_err(|e| Failure(2, e))?;
+    let connector = crate::tls_client::connector(tls, Some(CALL_TIMEOUT));
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let exchange = async {
         let response = client

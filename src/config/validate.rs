@@ -196,11 +196,17 @@ fn check_auth(config: &Config, errors: &mut ConfigErrors) {
     positive(errors, "auth.jwt.jwks_timeout", jwt.jwks_timeout.get());
     positive(errors, "auth.jwt.jwks_cache_ttl", jwt.jwks_cache_ttl.get());
     let tokens = &config.auth.service_tokens;
-    if tokens.backend == TokenBackend::Postgres && tokens.postgres_dsn.is_none() {
-        errors.push(
+    match (&tokens.postgres_dsn, tokens.backend) {
+        (None, TokenBackend::Postgres) => errors.push(
             "auth.service_tokens.postgres_dsn",
             "required when backend is postgres (or set ORCHEO_POSTGRES_DSN)",
-        );
+        ),
+        (Some(dsn), TokenBackend::Postgres) => {
+            if let Err(problem) = crate::store::check_postgres_dsn(dsn.expose()) {
+                errors.push("auth.service_tokens.postgres_dsn", problem);
+            }
+        }
+        _ => {}
     }
     let limit = &config.auth.rate_limit;
     positive(errors, "auth.rate_limit.interval", limit.interval.get());

@@ -19,6 +19,9 @@ use super::{
     Usage, WriteError, CHANGE_BACKLOG,
 };
 use crate::time::Timestamp;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+mod tls;
 
 /// The notification channel every replica listens on.
 const CHANNEL: &str = "orcheo_gateway_service_tokens";
@@ -92,6 +95,13 @@ impl Drop for PostgresStore {
             }
         }
     }
+}
+
+/// Whether `dsn` can be used: it parses, its `sslmode` is known and its `sslrootcert`
+/// (when verification needs one) is a readable certificate bundle.
+pub fn check_dsn(dsn: &str) -> Result<(), String> {
+    let dsn = tls::parse(dsn)?;
+    tls::connector(&dsn).map(|_| ())
 }
 
 fn error(e: impl std::fmt::Display) -> StoreError {
@@ -175,16 +185,17 @@ impl PostgresStore {
     /// is unreachable, so the gateway starts (and serves JWT and bootstrap traffic) without
     /// it. Only a DSN that cannot be parsed is an error.
     pub async fn open(dsn: &str) -> Result<Arc<Self>, String> {
-        let config: tokio_postgres::Config = dsn
-            .parse()
-            .map_err(|e| format!("auth.service_tokens.postgres_dsn: {e}"))?;
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Verified,
-            },
-        );
+        let invalid = |e: String| format!("auth.service_tokens.postgres_dsn: {e}");
+        let dsn = tls::parse(dsn).map_err(invalid)?;
+        let tls = tls::connector(&dsn).map_err(invalid)?;
+        let config = dsn.config;
+        let recycling = ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        };
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(config.clone(), tls.clone(), recycling),
+            None => Manager::from_config(config.clone(), NoTls, recycling),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(POOL_TIMEOUT))
@@ -200,7 +211,7 @@ impl PostgresStore {
             listener: std::sync::Mutex::new(None),
         });
         let (ready, mut connected) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(listen(Arc::downgrade(&store), config, ready));
+        let task = tokio::spawn(listen(Arc::downgrade(&store), config, tls, ready));
         if let Ok(mut listener) = store.listener.lock() {
             *listener = Some(task);
         }
@@ -240,15 +251,14 @@ impl PostgresStore {
 async fn listen(
     store: std::sync::Weak<PostgresStore>,
     config: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
     set_up: tokio::sync::watch::Sender<bool>,
 ) {
     let mut connected_before = false;
     let mut failures = 0u32;
     loop {
-        match config.connect(NoTls).await {
-            Ok((client, mut connection)) => {
-                let mut messages =
-                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        match connect(&config, tls.as_ref()).await {
+            Ok((client, mut messages)) => {
                 // The schema is created once per process, on the first connection: a table
                 // that goes away later is an outage to report, not something to recreate.
                 let statement = if connected_before {
@@ -319,6 +329,30 @@ async fn listen(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The notifications and other messages of a connection of its own.
+type Messages = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Send>,
+>;
+
+/// Opens a connection of its own, over TLS when the DSN asks for it.
+async fn connect(
+    config: &tokio_postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
+) -> Result<(tokio_postgres::Client, Messages), tokio_postgres::Error> {
+    Ok(match tls {
+        Some(tls) => {
+            let (client, mut connection) = config.connect(tls.clone()).await?;
+            let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            (client, Box::pin(messages) as Messages)
+        }
+        None => {
+            let (client, mut connection) = config.connect(NoTls).await?;
+            let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            (client, Box::pin(messages) as Messages)
+        }
+    })
 }
 
 /// A notification's payload: the token change a replica wrote, or (anything else) an

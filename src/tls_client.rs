@@ -1,4 +1,5 @@
-//! TLS towards `https://` upstreams: the system roots plus an optional CA bundle.
+//! TLS as a client — towards `https://` upstreams, the JWKS endpoint, PostgreSQL and
+//! Redis: the system roots plus an optional CA bundle.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,6 +30,18 @@ impl Roots {
 
 /// A client configuration trusting the system roots and the certificates in `ca_file`.
 pub fn config(roots: &Roots, ca_file: Option<&Path>) -> Result<ClientConfig, String> {
+    let store = root_store(roots, ca_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// The roots `roots` and the certificates in `ca_file` (a PEM bundle), as one store.
+pub fn root_store(roots: &Roots, ca_file: Option<&Path>) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
     store.add_parsable_certificates(roots.0.iter().cloned());
     if let Some(path) = ca_file {
@@ -45,13 +58,7 @@ pub fn config(roots: &Roots, ca_file: Option<&Path>) -> Result<ClientConfig, Str
                 .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    Ok(config)
+    Ok(store)
 }
 
 /// The connector every HTTP client of the gateway uses (upstreams, JWKS, the `token`
