@@ -120,6 +120,15 @@ fn serve(flag: Option<PathBuf>, env: Env) -> ExitCode {
         Err(code) => return code,
     };
     let code = runtime.block_on(async move {
+        // Signals are caught from before the listeners open: a SIGHUP or SIGTERM sent as
+        // soon as the gateway is reachable must not find the default (fatal) action.
+        let signals = match Signals::install() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("error: cannot listen for signals: {error}");
+                return ExitCode::from(1);
+            }
+        };
         let gateway = match Gateway::start(config, path, env).await {
             Ok(gateway) => gateway,
             Err(error) => {
@@ -128,9 +137,7 @@ fn serve(flag: Option<PathBuf>, env: Env) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        if let Err(error) = wait_for_signals(&gateway).await {
-            tracing::error!(%error, "cannot listen for signals");
-        }
+        signals.wait(&gateway).await;
         gateway.shutdown().await;
         ExitCode::SUCCESS
     });
@@ -150,19 +157,33 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-/// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
-async fn wait_for_signals(gateway: &Gateway) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => return Ok(()),
-            _ = interrupt.recv() => return Ok(()),
-            _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration");
-                let _ = gateway.reload().await;
+/// The signals `serve` acts on.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
+    async fn wait(mut self, gateway: &Gateway) {
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return,
+                _ = self.interrupt.recv() => return,
+                _ = self.hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = gateway.reload().await;
+                }
             }
         }
     }
