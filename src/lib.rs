@@ -3,8 +3,8 @@
 //!
 //! # Layout
 //! One request, in order: [`server`] accepts it and fills in [`conn`]; [`handler`] runs
-//! the pipeline — [`client_ip`] → [`routing`] → [`auth`] → [`authz`] → [`ratelimit`] →
-//! [`proxy`] — against the [`state`] snapshot; [`error`] turns any failure into its
+//! the pipeline — [`client_ip`] → [`decision`] ([`routing`] → [`auth`] → [`authz`] →
+//! [`ratelimit`]) → [`proxy`] — against the [`state`] snapshot; [`error`] turns any failure into its
 //! response; [`access_log`] and [`metrics`] record it.
 //!
 //! - [`cli`]: the command line (`serve`, `check-config`, `demo`, `token`).
@@ -14,7 +14,9 @@
 //! - [`server`]: accept loop, connection limits, TLS with certificate reload, PROXY
 //!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts; knows nothing of what it serves.
 //! - [`conn`]: what a request knows of its connection, and how long-lived work ends.
-//! - [`handler`]: THE request pipeline, and `decide`, the part every way of asking shares.
+//! - [`handler`]: THE request pipeline of the proxy listeners.
+//! - [`decision`]: route → authenticate → authorize → limit, shared by the proxy path and
+//!   forward-auth; what the upstream is told about the caller.
 //! - [`client_ip`]: the client's address behind trusted proxies; the one trusted-peer check.
 //! - [`routing`]: the route table and path normalisation.
 //! - [`auth`]: credential extraction, JWT and JWKS, bootstrap and service tokens → caller.
@@ -46,6 +48,7 @@ pub mod cli;
 pub mod client_ip;
 pub mod config;
 pub mod conn;
+pub mod decision;
 pub mod error;
 pub mod files;
 pub mod handler;
