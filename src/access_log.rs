@@ -53,6 +53,12 @@ impl AccessRecord {
         }
     }
 
+    /// Records the request a forward-auth check is about, in place of the check itself.
+    pub fn describe(&mut self, method: &Method, path: &str, query: Option<&str>) {
+        self.method = method.clone();
+        self.target = redact_target(path, query);
+    }
+
     /// Records who the caller is.
     pub fn identify(&mut self, identity: &crate::auth::identity::Identity) {
         self.auth_method = identity.method.as_str();

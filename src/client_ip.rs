@@ -1,7 +1,7 @@
 //! The client's address (contract §6.4): the TCP peer (or the PROXY header's source, when
 //! that peer is trusted), unless that address is a trusted proxy — then the rightmost
 //! untrusted address of `X-Forwarded-For`, or of RFC 7239 `Forwarded` when there is no
-//! `X-Forwarded-For`. An untrusted client can never choose its own address.
+//! `X-Forwarded-For`, or `X-Real-IP` (nginx's usual header) when there is neither. An untrusted client can never choose its own address.
 
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -9,6 +9,9 @@ use http::header::{HeaderMap, FORWARDED};
 
 use crate::config::Cidr;
 use crate::proxy::headers::X_FORWARDED_FOR;
+
+/// `X-Real-IP`.
+const X_REAL_IP: http::header::HeaderName = http::header::HeaderName::from_static("x-real-ip");
 
 /// Hops of a forwarding header examined at most: a header with more is a forgery or a
 /// loop, and the walk stops at the limit.
@@ -27,6 +30,7 @@ pub fn resolve(peer: IpAddr, headers: &HeaderMap, proxies: &[Cidr]) -> IpAddr {
     }
     let hops = forwarded_for(headers, &X_FORWARDED_FOR, parse_xff_entry)
         .or_else(|| forwarded_for(headers, &FORWARDED, parse_forwarded_element))
+        .or_else(|| forwarded_for(headers, &X_REAL_IP, parse_host))
         .unwrap_or_default();
     let mut client = peer;
     // Walk from the nearest hop outwards; the first address not ours is the client.
@@ -172,6 +176,19 @@ mod tests {
         assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("2001:db8::1"));
         let h = headers(&[("forwarded", "for=unknown, for=10.0.0.9")]);
         assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.9"));
+    }
+
+    #[test]
+    fn x_real_ip_from_a_trusted_proxy_when_nothing_else_is_sent() {
+        let trusted = proxies(&["10.0.0.0/8"]);
+        let h = headers(&[("x-real-ip", "198.51.100.7")]);
+        assert_eq!(resolve(ip("10.0.0.2"), &h, &trusted), ip("198.51.100.7"));
+        assert_eq!(resolve(ip("203.0.113.9"), &h, &trusted), ip("203.0.113.9"));
+        let both = headers(&[
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-for", "198.51.100.8"),
+        ]);
+        assert_eq!(resolve(ip("10.0.0.2"), &both, &trusted), ip("198.51.100.8"));
     }
 
     #[test]

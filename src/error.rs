@@ -53,6 +53,9 @@ pub enum GatewayError {
     /// The token store cannot be reached (admin API).
     #[error("service token store unavailable")]
     StoreUnavailable,
+    /// A forward-auth request from outside `trusted_proxies` (403).
+    #[error("forward-auth request from an untrusted caller")]
+    UntrustedCaller,
     /// `limits.max_websockets` relays are open already (503).
     #[error("too many WebSocket connections")]
     TooManyWebSockets,
@@ -94,6 +97,7 @@ impl GatewayError {
             GatewayError::StoreUnavailable => "auth.backend_unavailable",
             GatewayError::Internal(_) => "internal",
             GatewayError::TooManyWebSockets => "upstream.unavailable",
+            GatewayError::UntrustedCaller => "forward_auth.untrusted_caller",
             GatewayError::RateLimited(limited) => match limited.kind {
                 Kind::Ip => "auth.rate_limited.ip",
                 Kind::Identity => "auth.rate_limited.identity",
@@ -120,6 +124,7 @@ impl GatewayError {
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::TooManyWebSockets => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::UntrustedCaller => StatusCode::FORBIDDEN,
         }
     }
 
@@ -144,6 +149,9 @@ impl GatewayError {
             GatewayError::StoreUnavailable => "Service token store is unavailable".into(),
             GatewayError::Internal(_) => "Internal gateway error".into(),
             GatewayError::TooManyWebSockets => "Upstream service is unavailable".into(),
+            GatewayError::UntrustedCaller => {
+                "Forward-auth requests are accepted only from trusted proxies".into()
+            }
             GatewayError::RateLimited(limited) => match limited.kind {
                 Kind::Ip => format!(
                     "Too many authentication attempts from IP {}",

@@ -19,6 +19,7 @@ use crate::decision::{
     decide, guard, identify, limit_client, refusal, Matched, Original, RequestContext,
 };
 use crate::error::GatewayError;
+use crate::forward_auth;
 use crate::proxy::headers::{self, Forwarding, X_REQUEST_ID};
 use crate::proxy::{websocket, UpstreamClient};
 use crate::query;
@@ -60,6 +61,9 @@ async fn pipeline(
 ) -> Result<Response<Body>, GatewayError> {
     check_head_size(ctx.snapshot, &request)?;
     limit_client(ctx).await?;
+    if forward_auth::is_endpoint(request.uri().path(), &ctx.snapshot.config.forward_auth) {
+        return forward_auth::answer(ctx, request, record).await;
+    }
     if request.uri().path() == ASSERTION_JWKS_PATH {
         return assertion_jwks(ctx);
     }

@@ -17,6 +17,8 @@
 //! - [`handler`]: THE request pipeline of the proxy listeners.
 //! - [`decision`]: route → authenticate → authorize → limit, shared by the proxy path and
 //!   forward-auth; what the upstream is told about the caller.
+//! - [`forward_auth`]: the ingress companion's HTTP endpoint (nginx, Traefik, Caddy and
+//!   Envoy conventions), answered by the same decision.
 //! - [`client_ip`]: the client's address behind trusted proxies; the one trusted-peer check.
 //! - [`routing`]: the route table and path normalisation.
 //! - [`auth`]: credential extraction, JWT and JWKS, bootstrap and service tokens → caller.
@@ -51,6 +53,7 @@ pub mod conn;
 pub mod decision;
 pub mod error;
 pub mod files;
+pub mod forward_auth;
 pub mod handler;
 pub mod logging;
 pub mod metrics;

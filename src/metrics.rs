@@ -60,6 +60,8 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// `connections_refused_total{reason}`: connections closed at accept (`per_ip`).
     pub connections_refused: IntCounterVec,
+    /// `forward_auth_decisions_total{protocol,result,code}`.
+    pub forward_auth_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -197,9 +199,18 @@ impl Metrics {
         )
         .expect("valid metric");
         connections_refused.with_label_values(&["per_ip"]);
+        let forward_auth_decisions = IntCounterVec::new(
+            Opts::new(
+                "forward_auth_decisions_total",
+                "Forward-auth decisions, by protocol (http, grpc), result (allow, deny) and error code",
+            ),
+            &["protocol", "result", "code"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(token_store_errors.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_refused.clone()),
+            Box::new(forward_auth_decisions.clone()),
             Box::new(jwt_signature_checks.clone()),
             Box::new(tls_reloads.clone()),
             Box::new(websocket_connections.clone()),
@@ -254,6 +265,7 @@ impl Metrics {
             jwt_signature_checks,
             tls_reloads,
             connections_refused,
+            forward_auth_decisions,
         }
     }
 
