@@ -12,7 +12,7 @@ use crate::ratelimit::{Kind, Limited};
 use crate::routing::PathError;
 
 /// An error answered by the gateway itself.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     /// No route matches the request.
     #[error("no route matches the request")]

@@ -13,9 +13,12 @@ use crate::access_log::AccessRecord;
 use crate::body::{self, Body};
 use crate::client_ip;
 use crate::config;
-use crate::decision::{decide, identify, Original, RequestContext};
+use crate::decision::{decide, identify, limit_client, Original, RequestContext};
 use crate::error::GatewayError;
+use crate::proxy::headers::X_REQUEST_ID;
 use crate::routing::NormalizedPath;
+
+pub mod replay;
 
 const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
 const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
@@ -137,7 +140,21 @@ pub async fn answer(
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
     record.route = "forward-auth".into();
+    // The ingress's own request id: the same on every question about one request.
+    let request_id = request
+        .headers()
+        .get(X_REQUEST_ID)
+        .map(|_| ctx.request_id.clone());
+    let request_id = request_id.as_ref().and_then(|id| id.to_str().ok());
+    let (caller, client) = (ctx.conn.peer.ip(), ctx.client_ip);
+    let replays = &ctx.shared.forward_auth_replays;
+    if let Some(error) = request_id.and_then(|id| replays.take(caller, client, id)) {
+        return Err(error);
+    }
     let result = decide_for(ctx, &request, record).await;
+    if let (Err(error), Some(id)) = (&result, request_id) {
+        replays.remember(caller, client, id, error);
+    }
     let code = match &result {
         Ok(_) => "ok",
         Err(error) => error.code(),
@@ -160,6 +177,7 @@ async fn decide_for(
     if !client_ip::is_trusted(proxies, ctx.conn.peer.ip()) {
         return Err(GatewayError::UntrustedCaller);
     }
+    limit_client(ctx).await?;
     let settings = &ctx.snapshot.config.forward_auth;
     let uri = request.uri();
     let asked = asked(

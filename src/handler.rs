@@ -60,10 +60,12 @@ async fn pipeline(
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
     check_head_size(ctx.snapshot, &request)?;
-    limit_client(ctx).await?;
+    // Forward-auth puts the client limit after its replays: an ingress's second question
+    // about a request must get the first answer, not one the first answer caused.
     if forward_auth::is_endpoint(request.uri().path(), &ctx.snapshot.config.forward_auth) {
         return forward_auth::answer(ctx, request, record).await;
     }
+    limit_client(ctx).await?;
     if request.uri().path() == ASSERTION_JWKS_PATH {
         return assertion_jwks(ctx);
     }

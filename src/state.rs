@@ -11,6 +11,7 @@ use crate::auth::assertion::AssertionSigner;
 use crate::auth::jwks::RemoteJwks;
 use crate::auth::Authenticator;
 use crate::config::{Config, Env};
+use crate::forward_auth::replay::Replays;
 use crate::metrics::Metrics;
 use crate::proxy::headers::IdentityHeaderNames;
 use crate::proxy::{UpstreamClient, UpstreamSet};
@@ -134,6 +135,8 @@ pub struct Shared {
     pub source: ConfigSource,
     /// Places for relayed WebSockets (`limits.max_websockets`, fixed at start-up).
     pub websockets: Arc<tokio::sync::Semaphore>,
+    /// Forward-auth denials waiting for the ingress's second question.
+    pub forward_auth_replays: Replays,
     draining: AtomicBool,
     listeners_bound: AtomicBool,
 }
@@ -150,6 +153,7 @@ impl Shared {
         let max_websockets = snapshot.config.limits.max_websockets;
         Shared {
             websockets: Arc::new(tokio::sync::Semaphore::new(max_websockets)),
+            forward_auth_replays: Replays::default(),
             limiter,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: services.metrics.clone(),
