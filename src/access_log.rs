@@ -39,11 +39,29 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// Starts a record for `request`.
     pub fn new<B>(request: &Request<B>, client_ip: IpAddr, request_id: &HeaderValue) -> Self {
+        let uri = request.uri();
+        Self::of(
+            request.method(),
+            uri.path(),
+            uri.query(),
+            client_ip,
+            request_id,
+        )
+    }
+
+    /// Starts a record for a request known by its parts (a gRPC check describes one).
+    pub fn of(
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        client_ip: IpAddr,
+        request_id: &HeaderValue,
+    ) -> Self {
         AccessRecord {
             request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
             route: NO_ROUTE.to_string(),
-            method: request.method().clone(),
-            target: redact_target(request.uri().path(), request.uri().query()),
+            method: method.clone(),
+            target: redact_target(path, query),
             client_ip: client_ip.to_string(),
             upstream: None,
             auth_method: "none",

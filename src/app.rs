@@ -17,6 +17,7 @@ use crate::body::Body;
 use crate::config::TokenBackend;
 use crate::config::{self, Config};
 use crate::conn::ConnInfo;
+use crate::ext_authz::GrpcListener;
 use crate::files::FileStamp;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -58,6 +59,8 @@ pub struct Addresses {
     pub https: Vec<SocketAddr>,
     /// The admin listener.
     pub admin: Option<SocketAddr>,
+    /// The gRPC `ext_authz` listener.
+    pub grpc: Option<SocketAddr>,
 }
 
 /// How a shutdown went.
@@ -107,17 +110,16 @@ impl Gateway {
         };
         let grace = config.limits.shutdown_grace.get();
         let limits = config.limits.clone();
-        let certs = match (
-            &config.tls.cert_file,
-            &config.tls.key_file,
-            config.listen.https.is_empty(),
-        ) {
-            (Some(cert), Some(key), false) => {
+        // The certificate serves the HTTPS listeners and, with `grpc_tls`, ext_authz.
+        let needs_certs = !config.listen.https.is_empty() || config.forward_auth.grpc_tls;
+        let certs = match (&config.tls.cert_file, &config.tls.key_file, needs_certs) {
+            (Some(cert), Some(key), true) => {
                 Some(CertStore::load(cert, key, &metrics).map_err(StartError::Tls)?)
             }
             _ => None,
         };
         let listeners = bind_all(&config, certs.as_ref()).await?;
+        let grpc = bind_grpc(&config, certs.as_ref()).await?;
         let snapshot = Snapshot::build(config, &services, None).map_err(StartError::Config)?;
         if snapshot.routes.is_empty() {
             tracing::warn!("no routes are configured: every request will be answered 404");
@@ -155,6 +157,23 @@ impl Gateway {
                 }
             };
             tasks.push(task);
+        }
+        if let Some(listener) = grpc {
+            let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                role: "local address",
+                source,
+            })?;
+            addresses.grpc = Some(addr);
+            tracing::info!(%addr, role = "ext_authz", "listening");
+            let serving = crate::ext_authz::serve(
+                listener,
+                shared.clone(),
+                ctx.shutdown.clone(),
+                drain.clone(),
+                ctx.limits.header_read_timeout.get(),
+            );
+            tasks.push(tokio::spawn(serving));
         }
         tasks.push(tokio::spawn(watch_files(shared.clone(), certs)));
         shared.set_listeners_bound();
@@ -288,6 +307,33 @@ async fn bind_all(
         bound.push((listener, Role::Admin, false));
     }
     Ok(bound)
+}
+
+/// The gRPC `ext_authz` listener, when `forward_auth.grpc_listen` is set.
+async fn bind_grpc(
+    config: &Config,
+    certs: Option<&Arc<CertStore>>,
+) -> Result<Option<GrpcListener>, StartError> {
+    let Some(addr) = config.forward_auth.grpc_listen else {
+        return Ok(None);
+    };
+    let tls = match (config.forward_auth.grpc_tls, certs) {
+        (true, Some(certs)) => Some(certs.acceptor().map_err(StartError::Tls)?),
+        (true, None) => {
+            return Err(StartError::Tls(
+                "forward_auth.grpc_tls needs tls.cert_file and tls.key_file".into(),
+            ))
+        }
+        (false, _) => None,
+    };
+    let listener = GrpcListener::bind(addr, tls)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr,
+            role: "forward_auth.grpc_listen",
+            source,
+        })?;
+    Ok(Some(listener))
 }
 
 /// Loads the configuration again and installs it if valid.

@@ -505,6 +505,11 @@ pub struct ForwardAuth {
     pub enabled: bool,
     /// Its path (any method).
     pub path: String,
+    /// Where Envoy's gRPC `ext_authz` (`envoy.service.auth.v3.Authorization/Check`) is
+    /// served; off when unset.
+    pub grpc_listen: Option<SocketAddr>,
+    /// Serve gRPC over TLS with the `tls.*` certificate instead of plaintext h2c.
+    pub grpc_tls: bool,
 }
 
 impl Default for ForwardAuth {
@@ -512,6 +517,8 @@ impl Default for ForwardAuth {
         ForwardAuth {
             enabled: true,
             path: "/_orcheo/auth".into(),
+            grpc_listen: None,
+            grpc_tls: false,
         }
     }
 }

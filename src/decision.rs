@@ -62,6 +62,16 @@ impl<'a> RequestContext<'a> {
     }
 }
 
+impl RequestContext<'_> {
+    /// Takes `client` as the client's address (an ingress that names it in its own
+    /// protocol, such as Envoy's check attributes).
+    pub fn set_client(&mut self, client: IpAddr) {
+        self.client_ip = client;
+        self.client = client.to_string();
+        self.ip_key = client_ip::limit_key(client);
+    }
+}
+
 /// The request a decision is about: the one being proxied, or the one an ingress asks about.
 pub struct Original<'a> {
     /// Its method.

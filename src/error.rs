@@ -220,15 +220,20 @@ fn add_auth_headers(response: &mut Response<Body>, failure: &AuthFailure) {
     }
 }
 
-/// A JSON error response in the gateway's shape.
-pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+/// The JSON body of an error in the gateway's shape.
+pub fn json_body(code: &str, message: &str) -> Vec<u8> {
     let body = ErrorBody {
         code,
         message,
         detail: Detail { code, message },
     };
     // Serializing two string fields cannot fail; the fallback keeps the response valid anyway.
-    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+    serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// A JSON error response in the gateway's shape.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let bytes = json_body(code, message);
     let mut response = Response::new(body::full(bytes));
     *response.status_mut() = status;
     response

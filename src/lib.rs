@@ -19,6 +19,7 @@
 //!   forward-auth; what the upstream is told about the caller.
 //! - [`forward_auth`]: the ingress companion's HTTP endpoint (nginx, Traefik, Caddy and
 //!   Envoy conventions), answered by the same decision.
+//! - [`ext_authz`]: Envoy's gRPC `ext_authz` listener, answered by the same decision.
 //! - [`client_ip`]: the client's address behind trusted proxies; the one trusted-peer check.
 //! - [`routing`]: the route table and path normalisation.
 //! - [`auth`]: credential extraction, JWT and JWKS, bootstrap and service tokens → caller.
@@ -52,6 +53,7 @@ pub mod config;
 pub mod conn;
 pub mod decision;
 pub mod error;
+pub mod ext_authz;
 pub mod files;
 pub mod forward_auth;
 pub mod handler;

@@ -347,3 +347,60 @@ async fn https_upstreams_are_verified_with_the_configured_ca() {
     let (status, _, _) = get(untrusting.http, "/x").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
 }
+
+#[tokio::test]
+async fn grpc_ext_authz_over_tls_with_the_serving_certificate() {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let up = echo_upstream().await;
+    let ca = ca();
+    let root = CertificateDer::from(ca.cert.der().to_vec());
+    let dir = temp_dir("tls-grpc");
+    let (chain, key, _) = leaf(&ca, "leaf", 2035);
+    write_pair(&dir, &chain, &key);
+    let gw = gateway(&format!(
+        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\ntls: {{cert_file: '{}', key_file: '{}'}}\nupstreams: {{default: {{url: '{}'}}}}\nroutes: [{{name: all, path: '/**', public: true}}]\ntrusted_proxies: ['127.0.0.1']\nforward_auth: {{grpc_listen: '127.0.0.1:0', grpc_tls: true}}\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display(),
+        up.url()
+    ))
+    .await;
+    let addr = gw.gateway().addresses.grpc.unwrap();
+    // A plaintext HTTP/2 client gets nowhere: the listener speaks TLS only.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2));
+    if let Ok(channel) = plain.connect().await {
+        let mut client = AuthorizationClient::new(channel);
+        let request = envoy_types::ext_authz::v3::pb::CheckRequest::default();
+        assert!(client.check(request).await.is_err());
+    }
+    // Over TLS (ALPN h2, the test CA) the check is answered.
+    let root_for_connect = root.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let root = root_for_connect.clone();
+            async move {
+                let stream = handshake(addr, &root, b"h2").await;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = AuthorizationClient::new(channel);
+    let request = envoy_types::ext_authz::v3::pb::CheckRequest {
+        attributes: Some(envoy_types::pb::envoy::service::auth::v3::AttributeContext {
+            request: Some(envoy_types::pb::envoy::service::auth::v3::attribute_context::Request {
+                http: Some(envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest {
+                    method: "GET".into(),
+                    path: "/anything".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let response = client.check(request).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0, "allowed over TLS");
+}

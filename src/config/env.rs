@@ -11,7 +11,7 @@ use super::{AuthMode, Config, LogFormat, LogLevel, TokenBackend, Upstream};
 use crate::time::Timestamp;
 
 /// Every variable the gateway reads, for documentation and for `check-config`.
-pub const VARIABLES: [&str; 33] = [
+pub const VARIABLES: [&str; 34] = [
     "ORCHEO_GATEWAY_LISTEN",
     "ORCHEO_GATEWAY_LISTEN_TLS",
     "ORCHEO_GATEWAY_TLS_CERT",
@@ -19,6 +19,7 @@ pub const VARIABLES: [&str; 33] = [
     "ORCHEO_GATEWAY_ADMIN_LISTEN",
     "ORCHEO_GATEWAY_TRUSTED_PROXIES",
     "ORCHEO_GATEWAY_UPSTREAM",
+    "ORCHEO_GATEWAY_EXTAUTHZ_LISTEN",
     "ORCHEO_AUTH_MODE",
     "ORCHEO_AUTH_JWT_SECRET",
     "ORCHEO_AUTH_JWKS_URL",
@@ -92,6 +93,18 @@ pub fn apply(config: &mut Config, env: &Env, errors: &mut ConfigErrors) -> Vec<A
         |v: String| {
             let entry = config.upstreams.0.entry("default".into());
             entry.or_insert_with(|| Upstream::with_url("")).url = v.trim().to_string();
+            Ok(())
+        },
+    );
+    set.value(
+        "ORCHEO_GATEWAY_EXTAUTHZ_LISTEN",
+        "forward_auth.grpc_listen",
+        |v: String| {
+            config.forward_auth.grpc_listen = if v.trim().eq_ignore_ascii_case("off") {
+                None
+            } else {
+                Some(v.trim().parse().map_err(|_| not_address(&v))?)
+            };
             Ok(())
         },
     );

@@ -352,3 +352,35 @@ fn the_effective_configuration_prints_without_secrets() {
     // The printed form is itself a valid configuration.
     assert!(load(&printed.replace("<redacted>", "x"), &Env::new()).is_ok());
 }
+
+#[test]
+fn the_grpc_listener_is_validated() {
+    let found = errors_of("forward_auth: {grpc_listen: '127.0.0.1:9191', grpc_tls: true}\n");
+    assert!(found.names("forward_auth.grpc_tls"), "{found}");
+    let found = errors_of("forward_auth: {grpc_listen: 'not an address'}\n");
+    assert!(found.names("forward_auth.grpc_listen"), "{found}");
+    let found = errors_of(
+        "listen: {http: ['127.0.0.1:9191']}\nforward_auth: {grpc_listen: '127.0.0.1:9191'}\n",
+    );
+    assert!(found.names("forward_auth.grpc_listen"), "{found}");
+    let from_env = errors("", &[("ORCHEO_GATEWAY_EXTAUTHZ_LISTEN", "nowhere")]);
+    assert!(
+        from_env.names("ORCHEO_GATEWAY_EXTAUTHZ_LISTEN"),
+        "{from_env}"
+    );
+    let config = load(
+        "",
+        &env(&[("ORCHEO_GATEWAY_EXTAUTHZ_LISTEN", "0.0.0.0:9191")]),
+    )
+    .unwrap();
+    assert_eq!(
+        config.forward_auth.grpc_listen,
+        Some("0.0.0.0:9191".parse().unwrap())
+    );
+    let config = load(
+        "forward_auth: {grpc_listen: '127.0.0.1:9191'}\n",
+        &env(&[("ORCHEO_GATEWAY_EXTAUTHZ_LISTEN", "off")]),
+    )
+    .unwrap();
+    assert_eq!(config.forward_auth.grpc_listen, None);
+}

@@ -18,6 +18,30 @@ pub fn check(config: &Config, errors: &mut ConfigErrors) {
     check_upstreams(config, errors);
     check_auth(config, errors);
     check_identity(config, errors);
+    let forward_auth = &config.forward_auth;
+    if forward_auth.grpc_tls && (config.tls.cert_file.is_none() || config.tls.key_file.is_none()) {
+        errors.push(
+            "forward_auth.grpc_tls",
+            "needs tls.cert_file and tls.key_file",
+        );
+    }
+    if forward_auth.grpc_tls && forward_auth.grpc_listen.is_none() {
+        errors.push("forward_auth.grpc_tls", "needs forward_auth.grpc_listen");
+    }
+    if let Some(addr) = forward_auth.grpc_listen {
+        let taken = config
+            .listen
+            .http
+            .iter()
+            .chain(&config.listen.https)
+            .chain(&config.admin.listen);
+        if addr.port() != 0 && taken.into_iter().any(|a| *a == addr) {
+            errors.push(
+                "forward_auth.grpc_listen",
+                format!("{addr} is used by another listener"),
+            );
+        }
+    }
     if !config.forward_auth.path.starts_with('/') {
         errors.push("forward_auth.path", "must start with `/`");
     }
