@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod healthcheck;
 mod token;
 
 use crate::app::Gateway;
@@ -39,6 +40,10 @@ pub enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// Ask the admin listener's /healthz (the configuration's `admin.listen`, a wildcard
+    /// address asked on loopback); exit 0 when it answers 200, 1 otherwise. For container
+    /// health checks.
+    Healthcheck(ConfigArg),
     /// Manage service tokens through a gateway's admin API.
     Token {
         /// What to do.
@@ -71,6 +76,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig(arg) => check_config(arg.config, &env),
         Command::Serve(arg) => serve(arg.config, env),
         Command::Demo { port } => demo::run(port),
+        Command::Healthcheck(arg) => match load(arg.config, &env) {
+            Ok((config, _)) => healthcheck::run(&config),
+            Err(code) => code,
+        },
         Command::Token {
             command,
             connection,

@@ -455,3 +455,36 @@ async fn a_remote_jwks_without_audience_or_issuer_is_warned_about_at_start_and_r
     let lines = process.lines_until(&["configuration reloaded"]);
     assert!(lines.iter().all(|l| !l.contains(needle)), "{lines:?}");
 }
+
+#[tokio::test]
+async fn the_healthcheck_command_asks_the_admin_listener() {
+    let dir = temp_dir("healthcheck");
+    let file = dir.join("gateway.yaml");
+    std::fs::write(
+        &file,
+        "listen: {http: ['127.0.0.1:0']}\nadmin: {listen: '127.0.0.1:0'}\nroutes: []\n",
+    )
+    .unwrap();
+    let healthcheck = |admin: &str| {
+        Command::new(env!("CARGO_BIN_EXE_orcheo-gateway"))
+            .args(["healthcheck", "-c"])
+            .arg(&file)
+            .env_remove("ORCHEO_GATEWAY_CONFIG")
+            .env("ORCHEO_GATEWAY_ADMIN_LISTEN", admin)
+            .output()
+            .unwrap()
+    };
+    let mut process = Process::start(&file);
+    let admin = process.address("admin");
+    // A wildcard address is asked on loopback, as inside a container.
+    for asked in [admin.to_string(), format!("0.0.0.0:{}", admin.port())] {
+        let output = healthcheck(&asked);
+        assert!(output.status.success(), "{asked}: {output:?}");
+    }
+    process.signal("TERM");
+    assert!(process.wait_exit(Duration::from_secs(10)).success());
+    let output = healthcheck(&admin.to_string());
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unhealthy"));
+    assert_eq!(healthcheck("off").status.code(), Some(1));
+}
