@@ -26,7 +26,8 @@ pub async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Bod
         "/readyz" => readiness(shared).await,
         "/metrics" => {
             // The mode can change live (the first service token switches enforcement
-            // on), so the gauge is brought up to date when it is read.
+            // on), so the gauge is brought up to date when it is read. `ready` is set by
+            // each /readyz probe: a scrape must not ping the store.
             let enforced = shared.snapshot().auth.mode().enforced;
             shared.metrics.auth_enforced.set(i64::from(enforced));
             let mut response = Response::new(body::full(shared.metrics.render()));
@@ -82,6 +83,7 @@ async fn readiness(shared: &Shared) -> Response<Body> {
         };
         check("jwks", fetched, detail);
     }
+    shared.metrics.ready.set(i64::from(ready));
     let mode = snapshot.auth.mode();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// `forward_auth_decisions_total{protocol,result,code}`.
     pub forward_auth_decisions: IntCounterVec,
+    /// `ready`: 1 when the last `/readyz` probe answered 200.
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -207,8 +209,11 @@ impl Metrics {
             &["protocol", "result", "code"],
         )
         .expect("valid metric");
+        let ready = IntGauge::new("ready", "1 when the last /readyz probe answered 200")
+            .expect("valid metric");
         for collector in [
             Box::new(token_store_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ready.clone()),
             Box::new(connections_refused.clone()),
             Box::new(forward_auth_decisions.clone()),
             Box::new(jwt_signature_checks.clone()),
@@ -238,6 +243,26 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Every series of a bounded label set exists from the start, at 0, so that rates
+        // and alerts work before the first event.
+        for kind in ["ip", "identity", "route"] {
+            rate_limited.with_label_values(&[kind]);
+        }
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            websocket_messages.with_label_values(&[direction]);
+        }
+        for reason in [
+            "client",
+            "upstream",
+            "token_expired",
+            "token_revoked",
+            "idle",
+            "shutdown",
+            "message_too_big",
+            "error",
+        ] {
+            websocket_closed.with_label_values(&[reason]);
+        }
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
             tls_reloads.with_label_values(&[result]);
@@ -266,6 +291,7 @@ impl Metrics {
             tls_reloads,
             connections_refused,
             forward_auth_decisions,
+            ready,
         }
     }
 
