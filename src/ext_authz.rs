@@ -219,16 +219,7 @@ async fn decide_check(
 /// identity headers this answer does not set removed, so no client value survives
 /// whichever order Envoy applies the two lists in.
 fn allowed(headers: &HeaderMap, ctx: &RequestContext<'_>) -> CheckResponse {
-    let to_set: Vec<HeaderValueOption> = headers
-        .iter()
-        .map(|(name, value)| {
-            header_option(
-                name.as_str(),
-                value,
-                HeaderAppendAction::OverwriteIfExistsOrAdd,
-            )
-        })
-        .collect();
+    let to_set = header_options(headers);
     let to_remove = ctx
         .snapshot
         .identity_headers
@@ -252,17 +243,7 @@ fn allowed(headers: &HeaderMap, ctx: &RequestContext<'_>) -> CheckResponse {
 /// and the gRPC code that goes with the status.
 fn denied(error: &GatewayError) -> CheckResponse {
     let rendered = error.to_response();
-    let headers = rendered
-        .headers()
-        .iter()
-        .map(|(name, value)| {
-            header_option(
-                name.as_str(),
-                value,
-                HeaderAppendAction::OverwriteIfExistsOrAdd,
-            )
-        })
-        .collect();
+    let headers = header_options(rendered.headers());
     let body = String::from_utf8(crate::error::json_body(error.code(), &error.message()))
         .unwrap_or_default();
     let denied = DeniedHttpResponse {
@@ -292,18 +273,20 @@ fn grpc_code(status: StatusCode) -> Code {
     }
 }
 
-fn header_option(name: &str, value: &HeaderValue, action: HeaderAppendAction) -> HeaderValueOption {
+/// `headers` as Envoy header options that replace any value already there.
+fn header_options(headers: &HeaderMap) -> Vec<HeaderValueOption> {
     #[allow(deprecated)]
-    HeaderValueOption {
+    let option = |(name, value): (&HeaderName, &HeaderValue)| HeaderValueOption {
         header: Some(PbHeaderValue {
-            key: name.to_string(),
+            key: name.as_str().to_string(),
             value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
             raw_value: Vec::new(),
         }),
         append: None,
-        append_action: action.into(),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd.into(),
         keep_empty_value: false,
-    }
+    };
+    headers.iter().map(option).collect()
 }
 
 /// A bound gRPC listener.

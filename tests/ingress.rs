@@ -16,14 +16,6 @@ use http::StatusCode;
 use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A child process stopped (by PID) when dropped.
 struct Running(Child);
 

@@ -41,14 +41,6 @@ fn server_cert(ca: &Ca) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The test CA, as the file the system-root loader reads (set once per process).
 fn trust_test_ca(ca: &Ca, dir: &Path) -> PathBuf {
     let path = dir.join("ca.pem");

@@ -74,11 +74,7 @@ pub fn apply(config: &mut Config, env: &Env, errors: &mut ConfigErrors) -> Vec<A
         "ORCHEO_GATEWAY_ADMIN_LISTEN",
         "admin.listen",
         |v: String| {
-            config.admin.listen = if v.trim().eq_ignore_ascii_case("off") {
-                None
-            } else {
-                Some(v.trim().parse().map_err(|_| not_address(&v))?)
-            };
+            config.admin.listen = address_or_off(&v)?;
             Ok(())
         },
     );
@@ -100,11 +96,7 @@ pub fn apply(config: &mut Config, env: &Env, errors: &mut ConfigErrors) -> Vec<A
         "ORCHEO_GATEWAY_EXTAUTHZ_LISTEN",
         "forward_auth.grpc_listen",
         |v: String| {
-            config.forward_auth.grpc_listen = if v.trim().eq_ignore_ascii_case("off") {
-                None
-            } else {
-                Some(v.trim().parse().map_err(|_| not_address(&v))?)
-            };
+            config.forward_auth.grpc_listen = address_or_off(&v)?;
             Ok(())
         },
     );
@@ -348,6 +340,14 @@ where
         .iter()
         .map(|item| item.parse::<T>().map_err(|e| format!("`{item}`: {e}")))
         .collect()
+}
+
+/// A listener address, or `off` for none.
+fn address_or_off(v: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if v.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    v.trim().parse().map(Some).map_err(|_| not_address(v))
 }
 
 fn not_address(v: &str) -> String {

@@ -70,6 +70,15 @@ where
     Upstream { addr, task }
 }
 
+/// A port on 127.0.0.1 that was free a moment ago, for a server a test starts itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// What a test learns from a gated upstream: each held request's arrival, and the
 /// switch that lets held requests answer.
 pub struct Gate {
