@@ -65,7 +65,7 @@ impl RateLimiter {
     /// Limiters of at most `capacity` keys each; shared through Redis when `redis_url`.
     pub fn new(capacity: usize, redis_url: Option<&str>, metrics: Metrics) -> Result<Self, String> {
         let redis = redis_url
-            .map(|url| RedisWindows::new(url, metrics.clone()))
+            .map(|url| RedisWindows::new(url, capacity, metrics.clone()))
             .transpose()?;
         Ok(RateLimiter {
             ip: Windows::new(capacity),
@@ -96,7 +96,6 @@ impl RateLimiter {
     ) -> Option<Duration> {
         let local = self.local(kind);
         let local_answer = match mode {
-            Mode::Check => local.blocked(key, limit, window),
             Mode::Record => {
                 local.record(key, limit, window);
                 None
@@ -169,7 +168,8 @@ impl RateLimiter {
     }
 
     /// Whether `key` has `limit` failures in the window (a `limit` of 0 is off);
-    /// `subject` is what the refusal names.
+    /// `subject` is what the refusal names. Answered here, never by a Redis call: by the
+    /// local window, and by the blocks the fleet announced through Redis.
     async fn check(
         &self,
         kind: Kind,
@@ -182,10 +182,12 @@ impl RateLimiter {
         if limit == 0 {
             return Ok(());
         }
-        match self
-            .run(kind, key, limit, limits.interval.get(), Mode::Check)
-            .await
-        {
+        let local = self.local(kind).blocked(key, limit, limits.interval.get());
+        let announced = self
+            .redis
+            .as_ref()
+            .and_then(|redis| redis.announced(&format!("{}:{key}", kind.as_str())));
+        match local.max(announced) {
             Some(wait) => Err(self.refuse(kind, subject, wait, client_ip)),
             None => Ok(()),
         }

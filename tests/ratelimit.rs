@@ -394,7 +394,13 @@ async fn two_gateways_share_their_windows_through_redis() {
             .0,
         StatusCode::UNAUTHORIZED
     );
-    // Three failures across the fleet: both replicas refuse.
+    // Three failures across the fleet: both replicas refuse — A learns of the block B
+    // completed through Redis's announcement, within a second.
+    let refused = eventually(Duration::from_secs(1), || async {
+        call(a.http, "/x", &[("authorization", &jwt("z"))]).await.0 == StatusCode::TOO_MANY_REQUESTS
+    })
+    .await;
+    assert!(refused, "replica A never learned of the block");
     let (status, headers, _) = call(a.http, "/x", &[("authorization", &jwt("z"))]).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert!(
@@ -412,6 +418,72 @@ async fn two_gateways_share_their_windows_through_redis() {
         StatusCode::TOO_MANY_REQUESTS,
         "the IP is blocked on every route"
     );
+}
+
+/// Window operations the Redis server has run so far: each runs `ZCARD` once (the read of
+/// the blocks in force, which a replica does when it subscribes, does not).
+fn script_calls(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut connection)
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_zcard:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn successful_requests_cost_redis_nothing_and_a_late_replica_learns_current_blocks() {
+    let mut redis = OwnRedis::start();
+    let url = format!("redis://127.0.0.1:{}/0", redis.port);
+    let up = echo_upstream().await;
+    let extra = format!("  rate_limit: {{ip: 2, identity: 2, interval: 60, redis_url: '{url}'}}\n");
+    let a = start_text(&config_text(&up.url(), &extra), Default::default()).await;
+    let before = script_calls(&url);
+    for i in 0..50 {
+        let token = jwt(&format!("user-{i}"));
+        assert_eq!(
+            call(a.http, "/x", &[("authorization", &token)]).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        script_calls(&url) - before,
+        0,
+        "failure limits touched Redis on successes"
+    );
+    // Failures do go to Redis: two fill the window and announce the block.
+    for _ in 0..2 {
+        let status = call(a.http, "/x", &[("authorization", "Bearer wrong")])
+            .await
+            .0;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(script_calls(&url) - before, 2);
+    // A replica started after the block learns it from the blocks in force.
+    let late = start_text(&config_text(&up.url(), &extra), Default::default()).await;
+    let refused = eventually(Duration::from_secs(5), || async {
+        call(late.http, "/x", &[("authorization", &jwt("z"))])
+            .await
+            .0
+            == StatusCode::TOO_MANY_REQUESTS
+    })
+    .await;
+    assert!(refused, "a late replica did not learn the current block");
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
 }
 
 /// A Redis server of this test's own, stopped by PID.
