@@ -1,34 +1,39 @@
 #!/usr/bin/env bash
-# Load benchmark: the same nginx upstream on 127.0.0.1, directly and through the gateway
-# (a public route, then a route needing a scope with an HS256 and with an RS256 JWT),
-# driven by wrk for a bounded time. Prints requests/s, p50/p99 latency and the ratio to
-# direct. Only 127.0.0.1 is ever targeted; every process started here is stopped by PID
-# on exit.
+# Load benchmark, measured beside the peers in the same run: one nginx upstream answering
+# a small body, reached (1) directly, (2) through nginx `proxy_pass` (keepalive pool,
+# 2 workers, access_log off), (3) through HAProxy with `jwt_verify` (HS256, RS256;
+# 2 threads), and (4) through this gateway (public route, HS256 JWT, RS256 JWT, service
+# token). Every target runs once per round, rounds interleaved, so the machine's drift
+# hits all alike; each line shows requests/s, p50/p99, the ratio to nginx `proxy_pass`
+# in that round and the proxy's own CPU µs per request (utime+stime from /proc). Then the
+# RSS each proxy spends per idle keep-alive connection (N connections, one request each,
+# held open). Only 127.0.0.1 is targeted; every process started here is stopped by PID.
 #
-#   bash benches/proxy_load.sh            # 10 s per run
-#   DURATION=30s CONNECTIONS=128 bash benches/proxy_load.sh
+#   bash benches/proxy_load.sh                     # 3 rounds of 5 s, 5 000 idle connections
+#   ROUNDS=5 DURATION=10s IDLE=2000 bash benches/proxy_load.sh
 set -euo pipefail
 
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-64}
-THREADS=${THREADS:-1}
-UPSTREAM_PORT=${UPSTREAM_PORT:-18700}
-GATEWAY_PORT=${GATEWAY_PORT:-18701}
-ADMIN_PORT=${ADMIN_PORT:-18702}
+IDLE=${IDLE:-5000}
+HOLD=${HOLD:-20}
+BASE=${BASE_PORT:-18700}
+UPSTREAM=$BASE; NGINX=$((BASE + 1)); HAPROXY=$((BASE + 2)); GATEWAY=$((BASE + 3))
+ADMIN=$((BASE + 4))
 
 cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx; then
-  echo "installing wrk and nginx (apt-get)…" >&2
+if ! need wrk || ! need nginx || ! need haproxy; then
+  echo "installing wrk, nginx and haproxy (apt-get)…" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk nginx-light >/dev/null 2>&1 \
-    || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk nginx >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk nginx haproxy >/dev/null
 fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --quiet
-# Test tokens (and the matching secret and JWKS) from the JWT benchmark binary.
 eval "$(cargo bench --quiet --bench jwt -- mint HS256 | sed -n 's/^TOKEN=/HS_TOKEN=/p; s/^SECRET=/SECRET=/p')"
 eval "$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^TOKEN=/RS_TOKEN=/p')"
 JWKS=$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^JWKS=//p')
@@ -41,36 +46,86 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+openssl rsa -in tests/data/keys/rsa.pem -pubout -out "$work/rsa.pub.pem" 2>/dev/null
+printf '%s' "$SECRET" > "$work/hs.secret"
 
-mkdir -p "$work/logs"
-cat > "$work/nginx.conf" <<CONF
+# The upstream (1 worker) and nginx proxy_pass (2 workers, a pool of kept-alive upstream
+# connections): two nginx instances, so each proxy's CPU is its own.
+mkdir -p "$work/up" "$work/px"
+cat > "$work/up/nginx.conf" <<CONF
 worker_processes 1;
 daemon off;
-master_process off;
-pid $work/nginx.pid;
-error_log $work/logs/error.log warn;
-events { worker_connections 4096; }
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 16384; }
 http {
   access_log off;
-  client_body_temp_path $work;
-  proxy_temp_path $work;
-  fastcgi_temp_path $work;
-  uwsgi_temp_path $work;
-  scgi_temp_path $work;
+  client_body_temp_path $work/up; proxy_temp_path $work/up; fastcgi_temp_path $work/up;
+  uwsgi_temp_path $work/up; scgi_temp_path $work/up;
   keepalive_requests 1000000;
   server {
-    listen 127.0.0.1:$UPSTREAM_PORT;
+    listen 127.0.0.1:$UPSTREAM;
     location / { default_type application/json; return 200 '{"ok":true}'; }
   }
 }
 CONF
-nginx -p "$work" -c "$work/nginx.conf" &
+cat > "$work/px/nginx.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $work/px/nginx.pid;
+error_log $work/px/error.log warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  client_body_temp_path $work/px; proxy_temp_path $work/px; fastcgi_temp_path $work/px;
+  uwsgi_temp_path $work/px; scgi_temp_path $work/px;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  upstream backend { server 127.0.0.1:$UPSTREAM; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGINX;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+nginx -p "$work/up" -c "$work/up/nginx.conf" -e "$work/up/error.log" &
 pids+=($!)
+nginx -p "$work/px" -c "$work/px/nginx.conf" -e "$work/px/error.log" &
+nginx_pid=$!
+pids+=("$nginx_pid")
+
+# HAProxy verifying the JWT itself: HS256 on /hs, RS256 on /rs.
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 9000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 60s
+  timeout http-keep-alive 120s
+frontend bench
+  bind 127.0.0.1:$HAPROXY
+  http-request set-var(txn.bearer) http_auth_bearer
+  http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
+  acl hs path_beg /hs
+  acl rs path_beg /rs
+  http-request deny if hs !{ var(txn.bearer),jwt_verify(txn.alg,"$(cat "$work/hs.secret")") -m int 1 }
+  http-request deny if rs !{ var(txn.bearer),jwt_verify(txn.alg,"$work/rsa.pub.pem") -m int 1 }
+  default_backend upstream
+backend upstream
+  http-reuse always
+  server up 127.0.0.1:$UPSTREAM
+CONF
+haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>"$work/haproxy.log" &
+haproxy_pid=$!
+pids+=("$haproxy_pid")
 
 cat > "$work/gateway.yaml" <<CONF
-listen: {http: ["127.0.0.1:$GATEWAY_PORT"]}
-admin: {listen: "127.0.0.1:$ADMIN_PORT"}
-upstreams: {default: {url: "http://127.0.0.1:$UPSTREAM_PORT"}}
+listen: {http: ["127.0.0.1:$GATEWAY"]}
+admin: {listen: "127.0.0.1:$ADMIN"}
+upstreams: {default: {url: "http://127.0.0.1:$UPSTREAM"}}
 auth:
   jwt: {secret: "$SECRET", jwks: '$JWKS'}
   bootstrap: {token: "bench-bootstrap-$$"}
@@ -81,62 +136,140 @@ routes:
 log: {level: warn}
 CONF
 ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
-pids+=($!)
-
-# The same gateway with every limit on: the failure limit per IP (checked on each
-# request) and a route limit too high to trip (recorded on each request).
-LIMITED_PORT=$((GATEWAY_PORT + 10))
-sed -e "s/127.0.0.1:$GATEWAY_PORT/127.0.0.1:$LIMITED_PORT/" -e "s|$work/tokens.sqlite|$work/limited-tokens.sqlite|" -e "s/127.0.0.1:$ADMIN_PORT/127.0.0.1:$((ADMIN_PORT + 10))/" \
-    -e 's|{name: public, path: "/public/\*\*", public: true}|{name: public, path: "/public/**", public: true, rate_limit: {per: ip, requests: 100000000, window: 1s}}|' \
-    -e '/^  jwt:/a\  rate_limit: {ip: 1000000, identity: 1000000, interval: 60}' \
-    "$work/gateway.yaml" > "$work/limited.yaml"
-ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/limited.yaml" >"$work/limited.log" 2>&1 &
-pids+=($!)
+gateway_pid=$!
+pids+=("$gateway_pid")
 
 for _ in $(seq 50); do
-  if curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 \
-     && curl -sf "http://127.0.0.1:$((ADMIN_PORT + 10))/readyz" >/dev/null 2>&1 \
-     && curl -sf "http://127.0.0.1:$UPSTREAM_PORT/" >/dev/null 2>&1; then break; fi
+  if curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 \
+     && curl -sf "http://127.0.0.1:$NGINX/" >/dev/null 2>&1 \
+     && curl -sf "http://127.0.0.1:$HAPROXY/" >/dev/null 2>&1; then break; fi
   sleep 0.2
 done
-
-# Runs wrk (with an optional Authorization header) and prints "requests/s p50_ms p99_ms".
-run() {
-  if [ -n "${2:-}" ]; then
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "Authorization: Bearer $2" "$1" > "$work/wrk.out"
-  else
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$1" > "$work/wrk.out"
-  fi
-  awk '
-    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-    /^Requests\/sec/ { rps=$2 }
-    /^ +50%/ { p50=ms($2) }
-    /^ +99%/ { p99=ms($2) }
-    END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }' "$work/wrk.out"
-}
-
-# Short warm-up so pools and caches are filled before measuring.
-wrk -t1 -c8 -d2s "http://127.0.0.1:$GATEWAY_PORT/public/warm" >/dev/null
-wrk -t1 -c8 -d2s "http://127.0.0.1:$LIMITED_PORT/public/warm" >/dev/null
-test "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $RS_TOKEN" "http://127.0.0.1:$GATEWAY_PORT/auth/x")" = 200
-# A service token, created through the admin API with the bootstrap token.
-SERVICE_TOKEN=$(curl -sf -X POST "http://127.0.0.1:$GATEWAY_PORT/api/admin/service-tokens" \
+SERVICE_TOKEN=$(curl -sf -X POST "http://127.0.0.1:$GATEWAY/api/admin/service-tokens" \
   -H "Authorization: Bearer bench-bootstrap-$$" -H 'content-type: application/json' \
   -d '{"identifier": "bench", "scopes": ["workflows:read"]}' | sed -n 's/.*"secret":"\([^"]*\)".*/\1/p')
 test -n "$SERVICE_TOKEN"
+for check in "$GATEWAY/auth/x|$RS_TOKEN|200" "$GATEWAY/auth/x||401" \
+             "$HAPROXY/hs/x|$HS_TOKEN|200" "$HAPROXY/rs/x|$RS_TOKEN|200" "$HAPROXY/hs/x|$RS_TOKEN|403"; do
+  IFS='|' read -r target token want <<<"$check"
+  got=$(curl -s -o /dev/null -w '%{http_code}' ${token:+-H "Authorization: Bearer $token"} "http://127.0.0.1:$target" || true)
+  if [ "$got" != "$want" ]; then
+    echo "sanity check failed: $target gave $got, not $want" >&2
+    cat "$work/haproxy.log" >&2
+    exit 1
+  fi
+done
 
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
-echo "load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, small JSON response from nginx"
-printf '%-22s %12s %10s %10s %8s\n' "target" "requests/s" "p50 ms" "p99 ms" "ratio"
-read -r d_rps d_p50 d_p99 < <(run "http://127.0.0.1:$UPSTREAM_PORT/bench")
-printf '%-22s %12s %10s %10s %8s\n' "direct" "$d_rps" "$d_p50" "$d_p99" "1.00"
-for case in "gateway, public route|$GATEWAY_PORT/public/bench|" \
-            "gateway, HS256 JWT|$GATEWAY_PORT/auth/bench|$HS_TOKEN" \
-            "gateway, RS256 JWT|$GATEWAY_PORT/auth/bench|$RS_TOKEN" \
-            "gateway, service token|$GATEWAY_PORT/auth/bench|$SERVICE_TOKEN" \
-            "limits on, public|$LIMITED_PORT/public/bench|"; do
-  IFS='|' read -r label target token <<<"$case"
-  read -r rps p50 p99 < <(run "http://127.0.0.1:$target" "$token")
-  ratio=$(awk -v g="$rps" -v d="$d_rps" 'BEGIN { printf "%.2f", g/d }')
-  printf '%-22s %12s %10s %10s %8s\n' "$label" "$rps" "$p50" "$p99" "$ratio"
+# CPU ticks (utime+stime) of a process and its children (nginx's workers).
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+# RSS in KiB of a process and its children.
+rss_kib() {
+  local total=0 pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")))
+  done
+  echo "$total"
+}
+tick=$(getconf CLK_TCK)
+
+# wrk against a URL with an optional credential: "requests/s p50_ms p99_ms requests".
+run() {
+  wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency ${2:+-H "Authorization: Bearer $2"} "$1" > "$work/wrk.out"
+  awk '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /^Requests\/sec/ { rps=$2 }
+    /requests in/ { n=$1 }
+    /^ +50%/ { p50=ms($2) }
+    /^ +99%/ { p99=ms($2) }
+    END { printf "%.0f %.3f %.3f %d\n", rps, p50, p99, n }' "$work/wrk.out"
+}
+
+for target in "$NGINX" "$HAPROXY/hs" "$GATEWAY/public"; do
+  wrk -t1 -c8 -d1s -H "Authorization: Bearer $HS_TOKEN" "http://127.0.0.1:$target/warm" >/dev/null
+done
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk -t1 -c$CONNECTIONS -d$DURATION; $ROUNDS interleaved rounds"
+printf '%-5s %-34s %11s %8s %8s %9s %9s\n' round target "requests/s" "p50 ms" "p99 ms" "vs nginx" "CPU µs/req"
+cases=(
+  "upstream directly|$UPSTREAM/bench||-"
+  "nginx proxy_pass, no auth|$NGINX/bench||$nginx_pid"
+  "HAProxy jwt_verify HS256|$HAPROXY/hs/bench|$HS_TOKEN|$haproxy_pid"
+  "HAProxy jwt_verify RS256|$HAPROXY/rs/bench|$RS_TOKEN|$haproxy_pid"
+  "gateway, public route|$GATEWAY/public/bench||$gateway_pid"
+  "gateway, HS256 JWT|$GATEWAY/auth/bench|$HS_TOKEN|$gateway_pid"
+  "gateway, RS256 JWT|$GATEWAY/auth/bench|$RS_TOKEN|$gateway_pid"
+  "gateway, service token|$GATEWAY/auth/bench|$SERVICE_TOKEN|$gateway_pid"
+)
+for round in $(seq "$ROUNDS"); do
+  nginx_rps=""
+  for case in "${cases[@]}"; do
+    IFS='|' read -r label target token pid <<<"$case"
+    before=0; [ "$pid" != "-" ] && before=$(cpu_ticks "$pid")
+    read -r rps p50 p99 n < <(run "http://127.0.0.1:$target" "$token")
+    cpu="-"
+    if [ "$pid" != "-" ]; then
+      after=$(cpu_ticks "$pid")
+      cpu=$(awk -v t=$((after - before)) -v hz="$tick" -v n="$n" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    fi
+    [ "$target" = "$NGINX/bench" ] && nginx_rps=$rps
+    ratio=$(awk -v a="$rps" -v b="${nginx_rps:-0}" 'BEGIN { if (b > 0) printf "%.2f", a/b; else printf "-" }')
+    printf '%-5s %-34s %11s %8s %8s %9s %9s\n' "$round" "$label" "$rps" "$p50" "$p99" "$ratio" "$cpu"
+  done
+done
+
+# Idle keep-alive connections: IDLE connections, one request each, then held for HOLD s;
+# the proxy's RSS growth per connection, and how many are still open at the end.
+hold_idle() {
+  python3 - "$1" "$IDLE" "$HOLD" <<'PY'
+import socket, sys, time
+port, count, hold = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+socks = []
+for _ in range(count):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /public/idle HTTP/1.1\r\nHost: bench\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    s.settimeout(10)
+    s.recv(65536)
+time.sleep(0.5)
+for s in socks:  # the rest of a response that came in two segments
+    s.setblocking(False)
+    try:
+        s.recv(65536)
+    except BlockingIOError:
+        pass
+print("held", flush=True)
+time.sleep(hold)
+open_ = 0
+for s in socks:
+    s.setblocking(False)
+    try:
+        if s.recv(1) != b"":  # b"": the proxy closed it
+            open_ += 1
+    except BlockingIOError:
+        open_ += 1  # nothing to read: still open
+    except OSError:
+        pass
+print(f"open {open_}", flush=True)
+PY
+}
+echo
+echo "idle keep-alive connections: $IDLE, one request each, held ${HOLD} s"
+printf '%-28s %14s %18s\n' proxy "KiB per conn" "still open"
+for case in "nginx proxy_pass|$NGINX|$nginx_pid" "HAProxy|$HAPROXY|$haproxy_pid" "gateway|$GATEWAY|$gateway_pid"; do
+  IFS='|' read -r label port pid <<<"$case"
+  before=$(rss_kib "$pid")
+  exec 3< <(hold_idle "$port")
+  read -r _ <&3
+  during=$(rss_kib "$pid")
+  read -r _ open <&3
+  exec 3<&-
+  per=$(awk -v a="$during" -v b="$before" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')
+  printf '%-28s %14s %18s\n' "$label" "$per" "$open/$IDLE"
 done

@@ -172,6 +172,9 @@ pub struct Upstream {
     pub timeout: Dur,
     /// Extra PEM CA bundle trusted for `https://` upstreams, besides the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Idle keep-alive connections kept open to this upstream for reuse; more are closed
+    /// once their request ends. Bounds what a burst of clients leaves behind.
+    pub max_idle_per_host: usize,
 }
 
 impl Upstream {
@@ -191,6 +194,7 @@ impl Default for Upstream {
             connect_timeout: Dur::secs(5),
             timeout: Dur::secs(60),
             ca_file: None,
+            max_idle_per_host: 64,
         }
     }
 }

@@ -61,6 +61,7 @@ impl UpstreamClient {
         let connector = tls_client::connector((*tls).clone(), Some(settings.connect_timeout.get()));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(settings.max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .build(connector);
         Ok(UpstreamClient {

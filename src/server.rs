@@ -287,12 +287,14 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own limit sits well above ours: requests between the two get the
     // gateway's JSON 431; only grossly oversized heads meet hyper's bare 431.
-    // No hyper header timeout: hyper starts it while a kept-alive connection waits for
-    // its next request, which would cut idle connections long before `idle_timeout`. The
-    // watchdog bounds request heads instead, from their first byte.
+    // No hyper header timeout (hyper's default is 30 s once a timer is set): hyper runs
+    // it while a kept-alive connection waits for its next request, which would cut idle
+    // connections long before `idle_timeout`. The watchdog bounds request heads instead,
+    // from their first byte.
     builder
         .http1()
         .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .max_buf_size((max_head * 2 + 4096).max(8192))
         .keep_alive(true);
     builder

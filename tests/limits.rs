@@ -343,3 +343,24 @@ async fn connections_per_address_are_capped_when_asked() {
     .await;
     assert!(served);
 }
+
+#[tokio::test]
+async fn a_kept_alive_connection_outlives_the_http_librarys_own_30_s_default() {
+    // hyper closes a connection that waits 30 s for its next request head unless told
+    // otherwise; the gateway's rule is `idle_timeout` (60 s by default).
+    let (gw, _up) = echo_gateway("").await;
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    let request = b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n";
+    let mut buffer = vec![0u8; 65536];
+    stream.write_all(request).await.unwrap();
+    let n = stream.read(&mut buffer).await.unwrap();
+    assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    stream.write_all(request).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(n > 0, "the connection was closed after 32 s idle");
+    assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+}

@@ -368,3 +368,57 @@ async fn semicolons_in_path_segments_and_lower_case_methods_do_not_pass() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
 }
+
+#[tokio::test]
+async fn idle_upstream_connections_are_capped_after_a_burst() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // An upstream that counts its open connections and answers slowly enough that a
+    // burst needs one connection per request.
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = open.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let counter = counter.clone();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(body::full("ok")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                counter.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let gw = gateway(&format!(
+        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\nupstreams: {{default: {{url: 'http://{addr}', max_idle_per_host: 2}}}}\nroutes: [{{name: all, path: '/**'}}]\n"
+    ))
+    .await;
+    let burst: Vec<_> = (0..20)
+        .map(|i| {
+            let http = gw.http;
+            tokio::spawn(async move { get(http, &format!("/burst/{i}")).await.0 })
+        })
+        .collect();
+    for request in burst {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    assert!(open.load(Ordering::SeqCst) <= 20);
+    let capped = eventually(Duration::from_secs(5), || async {
+        open.load(Ordering::SeqCst) <= 2
+    })
+    .await;
+    assert!(
+        capped,
+        "{} idle upstream connections kept",
+        open.load(Ordering::SeqCst)
+    );
+    server.abort();
+}
