@@ -360,6 +360,7 @@ impl Authenticator {
             },
             method: AuthMethod::Bootstrap,
             expires_at: bootstrap.expires_at.map(|t| t.0),
+            values: Default::default(),
         }))
     }
 
@@ -391,6 +392,7 @@ impl Authenticator {
             workspaces: Workspaces::from_ids(record.workspace_ids.iter().cloned()),
             method: AuthMethod::ServiceToken,
             expires_at: record.expires_at.map(|t| t.0),
+            values: Default::default(),
         }))
     }
 }

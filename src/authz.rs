@@ -129,6 +129,7 @@ mod tests {
             workspaces: Workspaces::from_ids(workspaces.iter().map(|s| s.to_string())),
             method: AuthMethod::ServiceToken,
             expires_at: None,
+            values: Default::default(),
         }
     }
 

@@ -110,9 +110,7 @@ async fn forward(
     if websocket {
         return forward_websocket(ctx, request, uri, upstream, caller, timeout).await;
     }
-    upstream
-        .send(request, uri, timeout, &ctx.shared.metrics)
-        .await
+    upstream.send(request, uri, timeout).await
 }
 
 /// Opens the upstream WebSocket and hands the connection to the relay.

@@ -37,6 +37,8 @@ pub struct UpstreamClient {
     base_path: String,
     client: Client<HttpsConnector<HttpConnector>, Incoming>,
     tls: Arc<rustls::ClientConfig>,
+    /// `upstream_duration_seconds{upstream=<name>}`, resolved once.
+    duration: prometheus::Histogram,
 }
 
 /// A raw connection to an upstream, plain or TLS (for the WebSocket relay).
@@ -45,7 +47,12 @@ pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 impl UpstreamClient {
-    fn new(name: &str, settings: &config::Upstream, roots: &Roots) -> Result<Self, String> {
+    fn new(
+        name: &str,
+        settings: &config::Upstream,
+        roots: &Roots,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
         let uri = config::check_url(&settings.url, false)?;
         let parts = uri.into_parts();
         let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
@@ -72,6 +79,7 @@ impl UpstreamClient {
             base_path,
             client,
             tls,
+            duration: metrics.upstream_duration.with_label_values(&[name]),
         })
     }
 
@@ -159,16 +167,12 @@ impl UpstreamClient {
         mut request: Request<Incoming>,
         uri: Uri,
         timeout: Duration,
-        metrics: &Metrics,
     ) -> Result<Response<Body>, GatewayError> {
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, self.client.request(request)).await;
-        metrics
-            .upstream_duration
-            .with_label_values(&[&self.name])
-            .observe(started.elapsed().as_secs_f64());
+        self.duration.observe(started.elapsed().as_secs_f64());
         let mut response = match result {
             Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
             Ok(Err(error)) => return Err(GatewayError::UpstreamUnavailable(describe(&error))),
@@ -200,7 +204,11 @@ pub struct UpstreamSet {
 impl UpstreamSet {
     /// Builds a client per upstream, reusing the clients (and their warm pools) of
     /// `previous` whose settings did not change.
-    pub fn build(config: &Config, previous: Option<&UpstreamSet>) -> Result<Self, String> {
+    pub fn build(
+        config: &Config,
+        previous: Option<&UpstreamSet>,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
         let needs_roots = config
             .upstreams
             .0
@@ -215,7 +223,7 @@ impl UpstreamSet {
                 .cloned();
             let client = match reused {
                 Some(client) => client,
-                None => Arc::new(UpstreamClient::new(name, settings, &roots)?),
+                None => Arc::new(UpstreamClient::new(name, settings, &roots, metrics)?),
             };
             clients.insert(name.clone(), client);
         }

@@ -53,7 +53,8 @@ impl Snapshot {
         services: &Services,
         previous: Option<&Snapshot>,
     ) -> Result<Self, String> {
-        let upstreams = UpstreamSet::build(&config, previous.map(|p| &p.upstreams))?;
+        let upstreams =
+            UpstreamSet::build(&config, previous.map(|p| &p.upstreams), &services.metrics)?;
         let routes = RouteTable::compile(&config.routes, |route| {
             upstreams
                 .get(&route.upstream)

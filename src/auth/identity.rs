@@ -3,6 +3,9 @@
 
 use std::collections::BTreeSet;
 
+use std::sync::OnceLock;
+
+use http::HeaderValue;
 use serde_json::{Map, Value};
 
 /// How the caller authenticated.
@@ -108,9 +111,62 @@ pub struct Identity {
     pub method: AuthMethod,
     /// When the credential stops being valid (UNIX seconds), if it does.
     pub expires_at: Option<i64>,
+    /// The identity's header values, built on first use: a verified token is cached with
+    /// its identity, so a busy token's values are built once, not per request.
+    pub values: HeaderValuesCache,
 }
 
+/// The values of the identity headers (contract §5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderValues {
+    /// The subject.
+    pub subject: HeaderValue,
+    /// `user`, `service` or `anonymous`.
+    pub identity_type: HeaderValue,
+    /// The token id.
+    pub token_id: HeaderValue,
+    /// Scopes, space-separated and sorted.
+    pub scopes: HeaderValue,
+    /// Workspaces, space-separated and sorted; `*` for all.
+    pub workspaces: HeaderValue,
+    /// `jwt`, `service_token`, `bootstrap` or `none`.
+    pub auth_method: HeaderValue,
+}
+
+/// Which identity field cannot be sent as a header value.
+pub type InvalidValue = &'static str;
+
+/// The lazily built [`HeaderValues`] of an identity. It is derived data: identities
+/// compare equal whatever it holds.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderValuesCache(OnceLock<Result<HeaderValues, InvalidValue>>);
+
+impl PartialEq for HeaderValuesCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for HeaderValuesCache {}
+
 impl Identity {
+    /// The identity's header values, or the field that cannot be one.
+    pub fn header_values(&self) -> Result<&HeaderValues, InvalidValue> {
+        let built = self.values.0.get_or_init(|| {
+            let value =
+                |text: &str, field: InvalidValue| HeaderValue::from_str(text).map_err(|_| field);
+            Ok(HeaderValues {
+                subject: value(&self.subject, "subject")?,
+                identity_type: HeaderValue::from_static(self.identity_type.as_str()),
+                token_id: value(&self.token_id, "token id")?,
+                scopes: value(&self.scopes_header(), "scopes")?,
+                workspaces: value(&self.workspaces.header_value(), "workspaces")?,
+                auth_method: HeaderValue::from_static(self.method.as_str()),
+            })
+        });
+        built.as_ref().map_err(|field| *field)
+    }
+
     /// The anonymous identity: no scopes, no workspaces.
     pub fn anonymous() -> Self {
         Identity {
@@ -121,6 +177,7 @@ impl Identity {
             workspaces: Workspaces::default(),
             method: AuthMethod::None,
             expires_at: None,
+            values: HeaderValuesCache::default(),
         }
     }
 
@@ -168,6 +225,7 @@ impl Identity {
             workspaces: Workspaces::from_ids(workspace_ids),
             method: AuthMethod::Jwt,
             expires_at,
+            values: HeaderValuesCache::default(),
         }
     }
 }

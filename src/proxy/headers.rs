@@ -73,31 +73,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|value| value.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    remove_where(headers, |name| {
+        HOP_BY_HOP.contains(name) || *name == header::UPGRADE || named.contains(name)
+    });
+}
+
+/// Removes every header whose name `matches`. One pass over the names present (a request
+/// has a handful) instead of one hash lookup per name that might be: most requests carry
+/// none of the names the gateway strips.
+fn remove_where(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    let found: Vec<HeaderName> = headers.keys().filter(|n| matches(n)).cloned().collect();
+    for name in found {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// Removes the inbound identity headers: they must never reach the upstream. A name
 /// that equals one once `_` is read as `-` (`X_Orcheo_Subject`) goes too: WSGI and CGI
 /// upstreams merge the two spellings into one variable.
 pub fn strip_identity(headers: &mut HeaderMap, names: &IdentityHeaderNames) {
-    for name in names.all() {
-        headers.remove(name);
-    }
-    let lookalikes: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().contains('_'))
-        .filter(|name| {
-            let dashed = name.as_str().replace('_', "-");
-            names.all().iter().any(|n| n.as_str() == dashed)
-        })
-        .cloned()
-        .collect();
-    for name in lookalikes {
-        headers.remove(name);
-    }
+    let all = names.all();
+    remove_where(headers, |name| {
+        all.contains(&name)
+            || (name.as_str().contains('_') && {
+                let dashed = name.as_str().replace('_', "-");
+                all.iter().any(|n| n.as_str() == dashed)
+            })
+    });
 }
 
 /// The names of the identity headers (contract §5), one field per header.
@@ -160,22 +162,19 @@ pub fn set_identity(
     names: &IdentityHeaderNames,
     identity: &Identity,
 ) -> Result<(), GatewayError> {
-    let mut set = |name: &HeaderName, value: &str| {
-        let value = HeaderValue::from_str(value).map_err(|_| {
-            GatewayError::Internal(format!("identity header `{name}` cannot carry its value"))
-        })?;
-        headers.insert(name.clone(), value);
-        Ok::<(), GatewayError>(())
-    };
-    set(&names.identity_type, identity.identity_type.as_str())?;
-    set(&names.auth_method, identity.method.as_str())?;
+    let values = identity.header_values().map_err(|field| {
+        GatewayError::Internal(format!("the identity's {field} cannot be a header value"))
+    })?;
+    headers.insert(names.identity_type.clone(), values.identity_type.clone());
+    headers.insert(names.auth_method.clone(), values.auth_method.clone());
     if identity.is_anonymous() {
         return Ok(());
     }
-    set(&names.subject, &identity.subject)?;
-    set(&names.token_id, &identity.token_id)?;
-    set(&names.scopes, &identity.scopes_header())?;
-    set(&names.workspaces, &identity.workspaces.header_value())
+    headers.insert(names.subject.clone(), values.subject.clone());
+    headers.insert(names.token_id.clone(), values.token_id.clone());
+    headers.insert(names.scopes.clone(), values.scopes.clone());
+    headers.insert(names.workspaces.clone(), values.workspaces.clone());
+    Ok(())
 }
 
 /// What the forwarding headers are built from.
@@ -217,10 +216,9 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
         };
     }
     if !fwd.peer_trusted {
-        headers.remove(header::FORWARDED);
-        for name in &FORWARDED_BY_PROXIES {
-            headers.remove(name);
-        }
+        remove_where(headers, |name| {
+            *name == header::FORWARDED || FORWARDED_BY_PROXIES.contains(name)
+        });
     }
     headers.insert(X_REQUEST_ID, fwd.request_id.clone());
 }
