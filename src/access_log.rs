@@ -1,37 +1,59 @@
 //! One access-log line per request (contract §10.3): request id, route, method, path
 //! (credential query values redacted), status, duration, client IP, auth method, token
-//! id and subject. Never a token.
+//! id and subject. Never a token. The record holds what it needs cheaply (shared names,
+//! the request's URI and identity) and formats only when the line is written.
 
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
 
+use crate::auth::identity::Identity;
 use crate::metrics::Metrics;
-use std::net::IpAddr;
 
 /// Route label of requests that matched no route.
 pub const NO_ROUTE: &str = "none";
 
+/// A route's name as metrics and logs show it: a fixed label, or a route's own name.
+#[derive(Debug, Clone)]
+pub enum RouteLabel {
+    /// `none`, `admin-api`, `forward-auth`, `ext-authz`.
+    Fixed(&'static str),
+    /// A configured route.
+    Named(Arc<str>),
+}
+
+impl RouteLabel {
+    /// The label.
+    pub fn as_str(&self) -> &str {
+        match self {
+            RouteLabel::Fixed(name) => name,
+            RouteLabel::Named(name) => name,
+        }
+    }
+}
+
+/// Which request a line is about.
+enum Target {
+    /// The request as it arrived.
+    Uri(Uri),
+    /// The request a check describes (forward-auth).
+    Described(String, Option<String>),
+}
+
 /// What the access log and the request metrics record about one request.
 pub struct AccessRecord {
-    /// Request id.
-    pub request_id: String,
-    /// Matched route name, or [`NO_ROUTE`].
-    pub route: String,
-    /// Method.
-    pub method: Method,
-    /// Path and query, credential values redacted.
-    pub target: String,
-    /// The client IP.
-    pub client_ip: String,
+    request_id: HeaderValue,
+    /// Matched route, or [`NO_ROUTE`].
+    pub route: RouteLabel,
+    method: Method,
+    target: Target,
+    client_ip: IpAddr,
     /// The upstream, once chosen.
-    pub upstream: Option<String>,
-    /// `jwt`, `service_token`, `bootstrap` or `none`.
-    pub auth_method: &'static str,
-    /// The authenticated token id.
-    pub token_id: Option<String>,
-    /// The authenticated subject.
-    pub subject: Option<String>,
+    pub upstream: Option<Arc<str>>,
+    identity: Option<Arc<Identity>>,
     /// The internal cause of an error response.
     pub error: Option<String>,
 }
@@ -39,11 +61,9 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// Starts a record for `request`.
     pub fn new<B>(request: &Request<B>, client_ip: IpAddr, request_id: &HeaderValue) -> Self {
-        let uri = request.uri();
-        Self::of(
+        Self::start(
             request.method(),
-            uri.path(),
-            uri.query(),
+            Target::Uri(request.uri().clone()),
             client_ip,
             request_id,
         )
@@ -57,16 +77,19 @@ impl AccessRecord {
         client_ip: IpAddr,
         request_id: &HeaderValue,
     ) -> Self {
+        let target = Target::Described(path.to_string(), query.map(str::to_string));
+        Self::start(method, target, client_ip, request_id)
+    }
+
+    fn start(method: &Method, target: Target, client_ip: IpAddr, request_id: &HeaderValue) -> Self {
         AccessRecord {
-            request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
-            route: NO_ROUTE.to_string(),
+            request_id: request_id.clone(),
+            route: RouteLabel::Fixed(NO_ROUTE),
             method: method.clone(),
-            target: redact_target(path, query),
-            client_ip: client_ip.to_string(),
+            target,
+            client_ip,
             upstream: None,
-            auth_method: "none",
-            token_id: None,
-            subject: None,
+            identity: None,
             error: None,
         }
     }
@@ -74,43 +97,55 @@ impl AccessRecord {
     /// Records the request a forward-auth check is about, in place of the check itself.
     pub fn describe(&mut self, method: &Method, path: &str, query: Option<&str>) {
         self.method = method.clone();
-        self.target = redact_target(path, query);
+        self.target = Target::Described(path.to_string(), query.map(str::to_string));
     }
 
     /// Records who the caller is.
-    pub fn identify(&mut self, identity: &crate::auth::identity::Identity) {
-        self.auth_method = identity.method.as_str();
-        if !identity.is_anonymous() {
-            self.token_id = Some(identity.token_id.clone());
-            self.subject = Some(identity.subject.clone());
-        }
+    pub fn identify(&mut self, identity: &Arc<Identity>) {
+        self.identity = Some(identity.clone());
     }
 
     /// Records metrics and writes the log line.
     pub fn finish(self, metrics: &Metrics, status: StatusCode, started: Instant) {
         let elapsed = started.elapsed();
         metrics.observe_request(
-            &self.route,
+            self.route.as_str(),
             &self.method,
             status.as_u16(),
             elapsed.as_secs_f64(),
         );
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
+        let identity = self.identity.as_deref();
+        let known = identity.filter(|i| !i.is_anonymous());
         tracing::info!(
             target: "access",
-            request_id = %self.request_id,
-            route = %self.route,
+            request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),
+            route = self.route.as_str(),
             method = %self.method,
             path = %self.target,
             status = status.as_u16(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             client_ip = %self.client_ip,
             upstream = self.upstream.as_deref().unwrap_or(""),
-            auth_method = self.auth_method,
-            token_id = self.token_id.as_deref().unwrap_or(""),
-            subject = self.subject.as_deref().unwrap_or(""),
+            auth_method = identity.map_or("none", |i| i.method.as_str()),
+            token_id = known.map_or("", |i| i.token_id.as_str()),
+            subject = known.map_or("", |i| i.subject.as_str()),
             error = self.error.as_deref().unwrap_or(""),
             "request"
         );
+    }
+}
+
+/// The path and query, credential values redacted.
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (path, query) = match self {
+            Target::Uri(uri) => (uri.path(), uri.query()),
+            Target::Described(path, query) => (path.as_str(), query.as_deref()),
+        };
+        f.write_str(&redact_target(path, query))
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::header::{HeaderMap, HeaderValue};
 use http::Method;
 
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessRecord, RouteLabel};
 use crate::auth::failure::{self, AuthError, AuthFailure};
 use crate::auth::Caller;
 use crate::authz::{self, Refusal, AMBIGUOUS_WORKSPACE};
@@ -96,7 +96,7 @@ pub async fn decide<'s>(
     record: &mut AccessRecord,
 ) -> Result<(Matched<'s>, Caller), GatewayError> {
     let matched = route(ctx.snapshot, original)?;
-    record.route = matched.route.name.clone();
+    record.route = RouteLabel::Named(matched.route.name.clone());
     let authenticated = ctx
         .snapshot
         .auth

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tonic::Code;
 
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessRecord, RouteLabel};
 use crate::client_ip;
 use crate::conn::{stopped, ConnInfo, Lifecycle};
 use crate::decision::{decide, identify, limit_client, Original, RequestContext};
@@ -107,7 +107,7 @@ impl Checks {
             ),
             Err(_) => AccessRecord::of(&Method::POST, "/", None, ctx.client_ip, &ctx.request_id),
         };
-        record.route = "ext-authz".into();
+        record.route = RouteLabel::Fixed("ext-authz");
         let result = match described {
             Ok(described) => decide_check(&ctx, &described, &mut record).await,
             Err(error) => Err(error),
@@ -208,7 +208,7 @@ async fn decide_check(
         websocket,
     };
     let (matched, caller) = decide(ctx, &original, record).await?;
-    let upstream = matched.route.target.name().to_string();
+    let upstream = matched.route.target.label();
     record.upstream = Some(upstream.clone());
     let mut headers = HeaderMap::new();
     identify(ctx, &mut headers, &caller, &upstream)?;

@@ -9,7 +9,7 @@ use http::header::{HeaderMap, HeaderName, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessRecord, RouteLabel};
 use crate::body::{self, Body};
 use crate::client_ip;
 use crate::config;
@@ -139,7 +139,7 @@ pub async fn answer(
     request: Request<Incoming>,
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
-    record.route = "forward-auth".into();
+    record.route = RouteLabel::Fixed("forward-auth");
     // The ingress's own request id: the same on every question about one request.
     let request_id = request
         .headers()
@@ -197,7 +197,7 @@ async fn decide_for(
         websocket: asks_for_websocket(request.headers()),
     };
     let (matched, caller) = decide(ctx, &original, record).await?;
-    let upstream = matched.route.target.name().to_string();
+    let upstream = matched.route.target.label();
     record.upstream = Some(upstream.clone());
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;

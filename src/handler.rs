@@ -9,7 +9,7 @@ use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessRecord, RouteLabel};
 use crate::auth::Caller;
 use crate::authz;
 use crate::body::{self, Body};
@@ -97,7 +97,7 @@ async fn forward(
 ) -> Result<Response<Body>, GatewayError> {
     let route = matched.route;
     let upstream = &route.target;
-    record.upstream = Some(upstream.name().to_string());
+    record.upstream = Some(upstream.label());
     let timeout = route.config.timeout.map_or(upstream.timeout(), |t| t.get());
     let upstream_path = route.upstream_path(path);
     let query = query::without_credentials(request.uri().query());
@@ -150,7 +150,7 @@ async fn admin_api(
     path: &NormalizedPath,
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
-    record.route = "admin-api".into();
+    record.route = RouteLabel::Fixed("admin-api");
     let scope = [tokens_api::scope_for(request.method()).to_string()];
     let outcome = ctx
         .snapshot

@@ -30,7 +30,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One upstream service and its connection pool.
 pub struct UpstreamClient {
-    name: String,
+    name: Arc<str>,
     settings: config::Upstream,
     scheme: Scheme,
     authority: Authority,
@@ -72,7 +72,7 @@ impl UpstreamClient {
             .pool_timer(TokioTimer::new())
             .build(connector);
         Ok(UpstreamClient {
-            name: name.to_string(),
+            name: name.into(),
             settings: settings.clone(),
             scheme,
             authority,
@@ -138,6 +138,11 @@ impl UpstreamClient {
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The upstream's name, shared (for each request's access record).
+    pub fn label(&self) -> Arc<str> {
+        self.name.clone()
     }
 
     /// The response timeout, unless a route overrides it.

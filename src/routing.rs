@@ -105,8 +105,8 @@ fn check_literal(piece: &str) -> Result<(), String> {
 /// table is compiled (the gateway's upstream client), never looked up per request.
 #[derive(Debug, Clone)]
 pub struct CompiledRoute<T> {
-    /// The route's name (metrics label and log field).
-    pub name: String,
+    /// The route's name (metrics label and log field), shared with each request's record.
+    pub name: std::sync::Arc<str>,
     /// The route as configured.
     pub config: Route,
     /// Where the route forwards to.
@@ -176,7 +176,7 @@ impl<T> RouteTable<T> {
                     None => Vec::new(),
                 };
                 Ok(CompiledRoute {
-                    name: config::route_name(route),
+                    name: config::route_name(route).into(),
                     config: route.clone(),
                     target: resolve(route)?,
                     pattern,

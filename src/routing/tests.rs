@@ -23,7 +23,7 @@ fn find<'a>(
     let path = NormalizedPath::parse(raw).ok()?;
     table
         .find(&method, &path)
-        .map(|m| (m.route.name.as_str(), m.params))
+        .map(|m| (&*m.route.name, m.params))
 }
 
 #[test]
