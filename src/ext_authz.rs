@@ -17,7 +17,7 @@ use envoy_types::ext_authz::v3::pb::{
 };
 use envoy_types::ext_authz::v3::CheckResponseExt;
 use envoy_types::pb::envoy::config::core::v3::address::Address;
-use http::header::{HeaderMap, HeaderName, HeaderValue, UPGRADE};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -28,9 +28,9 @@ use tonic::Code;
 use crate::access_log::{AccessRecord, RouteLabel};
 use crate::client_ip;
 use crate::conn::{stopped, ConnInfo, Lifecycle};
-use crate::decision::{decide, identify, limit_client, Original, RequestContext};
+use crate::decision::RequestContext;
 use crate::error::GatewayError;
-use crate::routing::NormalizedPath;
+use crate::forward_auth::{self, admit_caller, decide_asked};
 use crate::state::Shared;
 
 /// The `protocol` label of these decisions.
@@ -112,15 +112,10 @@ impl Checks {
             Ok(described) => decide_check(&ctx, &described, &mut record).await,
             Err(error) => Err(error),
         };
-        let (outcome, code, status) = match &result {
-            Ok(_) => ("allow", "ok", StatusCode::OK),
-            Err(error) => ("deny", error.code(), error.status()),
-        };
-        self.shared
-            .metrics
-            .forward_auth_decisions
-            .with_label_values(&[PROTOCOL, outcome, code])
-            .inc();
+        forward_auth::count(&ctx, PROTOCOL, &result);
+        let status = result
+            .as_ref()
+            .map_or_else(GatewayError::status, |_| StatusCode::OK);
         if let Err(error) = &result {
             record.error = Some(error.to_string());
         }
@@ -188,31 +183,17 @@ async fn decide_check(
     described: &Described,
     record: &mut AccessRecord,
 ) -> Result<HeaderMap, GatewayError> {
-    let proxies = &ctx.snapshot.config.trusted_proxies;
-    if !client_ip::is_trusted(proxies, ctx.conn.peer.ip()) {
-        return Err(GatewayError::UntrustedCaller);
-    }
-    limit_client(ctx).await?;
-    let path = NormalizedPath::parse(&described.path)?;
-    let websocket = described.headers.get_all(UPGRADE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
-        })
-    });
-    let original = Original {
-        method: &described.method,
-        path: &path,
-        headers: &described.headers,
-        query: described.query.as_deref(),
-        websocket,
-    };
-    let (matched, caller) = decide(ctx, &original, record).await?;
-    let upstream = matched.route.target.label();
-    record.upstream = Some(upstream.clone());
-    let mut headers = HeaderMap::new();
-    identify(ctx, &mut headers, &caller, &upstream)?;
-    Ok(headers)
+    admit_caller(ctx).await?;
+    let (method, query) = (&described.method, described.query.as_deref());
+    decide_asked(
+        ctx,
+        method,
+        &described.path,
+        query,
+        &described.headers,
+        record,
+    )
+    .await
 }
 
 /// `OK`, with the identity headers set upstream (replacing any the client sent) and the

@@ -155,17 +155,57 @@ pub async fn answer(
     if let (Err(error), Some(id)) = (&result, request_id) {
         replays.remember(caller, client, id, error);
     }
-    let code = match &result {
-        Ok(_) => "ok",
-        Err(error) => error.code(),
+    count(ctx, PROTOCOL, &result);
+    result
+}
+
+/// Counts one forward-auth decision (`forward_auth_decisions_total`).
+pub fn count<T>(ctx: &RequestContext<'_>, protocol: &str, result: &Result<T, GatewayError>) {
+    let (outcome, code) = match result {
+        Ok(_) => ("allow", "ok"),
+        Err(error) => ("deny", error.code()),
     };
-    let outcome = if result.is_ok() { "allow" } else { "deny" };
     ctx.shared
         .metrics
         .forward_auth_decisions
-        .with_label_values(&[PROTOCOL, outcome, code])
+        .with_label_values(&[protocol, outcome, code])
         .inc();
-    result
+}
+
+/// Admits the ingress asking: a trusted proxy, and its client not blocked (§6.1).
+pub async fn admit_caller(ctx: &RequestContext<'_>) -> Result<(), GatewayError> {
+    let proxies = &ctx.snapshot.config.trusted_proxies;
+    if !client_ip::is_trusted(proxies, ctx.conn.peer.ip()) {
+        return Err(GatewayError::UntrustedCaller);
+    }
+    limit_client(ctx).await
+}
+
+/// The decision on the request an ingress asks about, in any convention (HTTP or gRPC):
+/// decided exactly as if proxied; allowed, the identity headers (and assertion) for the
+/// ingress to pass upstream.
+pub async fn decide_asked(
+    ctx: &RequestContext<'_>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    record: &mut AccessRecord,
+) -> Result<HeaderMap, GatewayError> {
+    let path = NormalizedPath::parse(path)?;
+    let original = Original {
+        method,
+        path: &path,
+        headers,
+        query,
+        websocket: asks_for_websocket(headers),
+    };
+    let (matched, caller) = decide(ctx, &original, record).await?;
+    let upstream = matched.route.target.label();
+    record.upstream = Some(upstream.clone());
+    let mut identity = HeaderMap::new();
+    identify(ctx, &mut identity, &caller, &upstream)?;
+    Ok(identity)
 }
 
 async fn decide_for(
@@ -173,11 +213,7 @@ async fn decide_for(
     request: &Request<Incoming>,
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
-    let proxies = &ctx.snapshot.config.trusted_proxies;
-    if !client_ip::is_trusted(proxies, ctx.conn.peer.ip()) {
-        return Err(GatewayError::UntrustedCaller);
-    }
-    limit_client(ctx).await?;
+    admit_caller(ctx).await?;
     let settings = &ctx.snapshot.config.forward_auth;
     let uri = request.uri();
     let asked = asked(
@@ -188,20 +224,12 @@ async fn decide_for(
         settings,
     )?;
     record.describe(&asked.method, &asked.path, asked.query.as_deref());
-    let path = NormalizedPath::parse(&asked.path)?;
-    let original = Original {
-        method: &asked.method,
-        path: &path,
-        headers: request.headers(),
-        query: asked.query.as_deref(),
-        websocket: asks_for_websocket(request.headers()),
-    };
-    let (matched, caller) = decide(ctx, &original, record).await?;
-    let upstream = matched.route.target.label();
-    record.upstream = Some(upstream.clone());
+    let query = asked.query.as_deref();
+    let headers = request.headers();
+    let identity = decide_asked(ctx, &asked.method, &asked.path, query, headers, record).await?;
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
-    identify(ctx, response.headers_mut(), &caller, &upstream)?;
+    *response.headers_mut() = identity;
     Ok(response)
 }
 
