@@ -25,6 +25,7 @@ use crate::server::tls::CertStore;
 use crate::server::{self, Listener, Role, ServerContext};
 use crate::state::{ConfigSource, Services, Shared, Snapshot};
 use crate::store::{CachedStore, MemoryStore, PostgresStore, SqliteStore, TokenStore};
+use crate::worker::{self, Workers};
 
 /// How often the configuration and certificate files are checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -80,6 +81,8 @@ pub struct Gateway {
     drained: mpsc::Receiver<()>,
     grace: Duration,
     tasks: Vec<JoinHandle<()>>,
+    /// The proxy workers; taken when they are halted.
+    workers: Option<Workers>,
 }
 
 impl Gateway {
@@ -118,7 +121,8 @@ impl Gateway {
             }
             _ => None,
         };
-        let listeners = bind_all(&config, certs.as_ref()).await?;
+        let workers = crate::worker::count(limits.workers);
+        let listeners = bind_all(&config, certs.as_ref(), workers)?;
         let grpc = bind_grpc(&config, certs.as_ref()).await?;
         let snapshot = Snapshot::build(config, &services, None).map_err(StartError::Config)?;
         if snapshot.routes.is_empty() {
@@ -134,30 +138,34 @@ impl Gateway {
         let ctx = ServerContext::new(shared.clone(), limits, shutdown_rx, drain.clone());
         let mut addresses = Addresses::default();
         let mut tasks = Vec::new();
-        for (listener, role, tls) in listeners {
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                role: "local address",
-                source,
-            })?;
-            match (role, tls) {
+        // Worker `i` serves the `i`-th socket of every proxy address.
+        let mut jobs: Vec<Vec<worker::Job>> = (0..workers).map(|_| Vec::new()).collect();
+        let proxy = Arc::new(ProxyHandler(shared.clone()));
+        for bound in listeners {
+            let addr = bound.addr;
+            match (bound.role, bound.tls) {
                 (Role::Admin, _) => addresses.admin = Some(addr),
                 (Role::Proxy, true) => addresses.https.push(addr),
                 (Role::Proxy, false) => addresses.http.push(addr),
             }
-            tracing::info!(%addr, role = role.as_str(), tls, "listening");
-            let task = match role {
-                Role::Proxy => {
-                    let handler = Arc::new(ProxyHandler(shared.clone()));
-                    tokio::spawn(server::run(listener, ctx.clone(), handler))
+            tracing::info!(%addr, role = bound.role.as_str(), tls = bound.tls, "listening");
+            for (index, listener) in bound.sockets.into_iter().enumerate() {
+                match bound.role {
+                    Role::Proxy => {
+                        let run = server::run(listener, ctx.clone(), proxy.clone());
+                        jobs[index].push(Box::pin(run));
+                    }
+                    Role::Admin => {
+                        let handler = Arc::new(AdminHandler(shared.clone()));
+                        tasks.push(tokio::spawn(server::run(listener, ctx.clone(), handler)));
+                    }
                 }
-                Role::Admin => {
-                    let handler = Arc::new(AdminHandler(shared.clone()));
-                    tokio::spawn(server::run(listener, ctx.clone(), handler))
-                }
-            };
-            tasks.push(task);
+            }
         }
+        let workers = Workers::start(jobs).map_err(|error| {
+            StartError::Config(format!("cannot start the proxy workers: {error}"))
+        })?;
+        tracing::info!(workers = workers.len(), "proxy workers started");
         if let Some(listener) = grpc {
             let addr = listener.local_addr().map_err(|source| StartError::Bind {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -185,6 +193,7 @@ impl Gateway {
             drained,
             grace,
             tasks,
+            workers: Some(workers),
         })
     }
 
@@ -218,8 +227,6 @@ impl Gateway {
         for task in &self.tasks {
             task.abort();
         }
-        // Usage counted in memory is written before the process goes.
-        self.shared.services.store.flush().await;
         let cut = if finished {
             0
         } else {
@@ -230,6 +237,12 @@ impl Gateway {
                 connections = cut,
                 "grace period over: cutting connections still open"
             );
+        }
+        // Usage counted in memory is written before the process goes (and before the
+        // workers stop: store connections they opened live on their runtimes).
+        self.shared.services.store.flush().await;
+        if let Some(workers) = self.workers.take() {
+            workers.halt().await;
         }
         tracing::info!("shutdown complete");
         ShutdownReport {
@@ -264,47 +277,56 @@ impl server::Handler for AdminHandler {
     }
 }
 
-type Bound = (Listener, Role, bool);
+/// The sockets bound for one configured address: one per worker for proxy addresses.
+struct Bound {
+    addr: SocketAddr,
+    role: Role,
+    tls: bool,
+    sockets: Vec<Listener>,
+}
 
-async fn bind_all(
+fn bind_all(
     config: &Config,
     certs: Option<&Arc<CertStore>>,
+    workers: usize,
 ) -> Result<Vec<Bound>, StartError> {
-    let mut bound = Vec::new();
     let proxy_protocol = config.listen.proxy_protocol;
+    let acceptor = match certs {
+        Some(certs) => Some(certs.acceptor().map_err(StartError::Tls)?),
+        None => None,
+    };
+    let mut wanted = Vec::new();
     for addr in &config.listen.http {
-        let listener = Listener::bind(*addr, Role::Proxy, None, proxy_protocol)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: *addr,
-                role: "listen.http",
-                source,
-            })?;
-        bound.push((listener, Role::Proxy, false));
+        wanted.push((*addr, Role::Proxy, None, "listen.http"));
     }
-    if let Some(certs) = certs {
-        let acceptor = certs.acceptor().map_err(StartError::Tls)?;
+    if let Some(acceptor) = &acceptor {
         for addr in &config.listen.https {
-            let listener =
-                Listener::bind(*addr, Role::Proxy, Some(acceptor.clone()), proxy_protocol)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: *addr,
-                        role: "listen.https",
-                        source,
-                    })?;
-            bound.push((listener, Role::Proxy, true));
+            wanted.push((*addr, Role::Proxy, Some(acceptor.clone()), "listen.https"));
         }
     }
     if let Some(addr) = config.admin.listen {
-        let listener = Listener::bind(addr, Role::Admin, None, false)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr,
-                role: "admin.listen",
-                source,
-            })?;
-        bound.push((listener, Role::Admin, false));
+        wanted.push((addr, Role::Admin, None, "admin.listen"));
+    }
+    let mut bound = Vec::new();
+    for (addr, role, tls, key) in wanted {
+        let has_tls = tls.is_some();
+        let bind_error = |source| StartError::Bind {
+            addr,
+            role: key,
+            source,
+        };
+        let sockets = match role {
+            Role::Proxy => Listener::bind_group(addr, workers, role, tls, proxy_protocol)
+                .map_err(bind_error)?,
+            Role::Admin => vec![Listener::bind(addr, role, None, false).map_err(bind_error)?],
+        };
+        let addr = sockets[0].local_addr().map_err(bind_error)?;
+        bound.push(Bound {
+            addr,
+            role,
+            tls: has_tls,
+            sockets,
+        });
     }
     Ok(bound)
 }

@@ -125,6 +125,9 @@ pub struct Limits {
     /// Connections open at once from one client address (the PROXY header's, when
     /// believed); beyond it new ones are closed at accept. 0 turns the cap off.
     pub max_connections_per_ip: usize,
+    /// Threads serving the proxy listeners, each with its own runtime, listening
+    /// sockets (`SO_REUSEPORT`) and upstream connections. 0: one per CPU.
+    pub workers: usize,
 }
 
 impl Default for Limits {
@@ -140,6 +143,7 @@ impl Default for Limits {
             websocket_idle_timeout: Dur::secs(600),
             max_websockets: 10_000,
             max_connections_per_ip: 0,
+            workers: 0,
         }
     }
 }

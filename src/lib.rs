@@ -70,6 +70,7 @@ pub mod time;
 pub mod tls_client;
 pub mod tokens;
 pub mod tokens_api;
+pub mod worker;
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -2,17 +2,19 @@
 //! the route's normalised path, and upstream failures classified as 502 or 504.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::uri::{Authority, Scheme};
-use http::{Request, Response, Uri, Version};
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::body::{Body, StallTimeout};
 use crate::config::{self, Config};
@@ -21,30 +23,93 @@ use crate::metrics::Metrics;
 use crate::tls_client::{self, Roots};
 
 pub mod headers;
+pub mod pool;
 pub mod websocket;
 
-/// Idle upstream connections are kept this long for reuse; shorter than the usual 60 s+
-/// keep-alive of upstream servers, so the gateway closes first and never reuses a
-/// connection the upstream is closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+use pool::{Checkout, Pool, Returning};
 
-/// One upstream service and its connection pool.
+/// One upstream service and its keep-alive connections (held per worker).
 pub struct UpstreamClient {
     name: Arc<str>,
     settings: config::Upstream,
-    scheme: Scheme,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Host and port to connect to, and the name the TLS certificate must carry.
+    host: String,
+    port: u16,
     authority: Authority,
+    /// `Host` for requests that arrive without one (HTTP/1.0).
+    host_header: HeaderValue,
     base_path: String,
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
-    tls: Arc<rustls::ClientConfig>,
+    pool: Arc<Pool>,
     /// `upstream_duration_seconds{upstream=<name>}`, resolved once.
     duration: prometheus::Histogram,
 }
 
-/// A raw connection to an upstream, plain or TLS (for the WebSocket relay).
-pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+/// A connection to an upstream, plain or TLS.
+pub enum UpstreamIo {
+    /// `http://` and `ws://`.
+    Plain(TcpStream),
+    /// `https://` and `wss://`.
+    Tls(Box<TlsStream<TcpStream>>),
+}
 
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(io) => io.is_write_vectored(),
+            UpstreamIo::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 impl UpstreamClient {
     fn new(
@@ -52,6 +117,7 @@ impl UpstreamClient {
         settings: &config::Upstream,
         roots: &Roots,
         metrics: &Metrics,
+        workers: usize,
     ) -> Result<Self, String> {
         let uri = config::check_url(&settings.url, false)?;
         let parts = uri.into_parts();
@@ -62,34 +128,39 @@ impl UpstreamClient {
             .path_and_query
             .map(|p| p.path().trim_end_matches('/').to_string())
             .unwrap_or_default();
-        let tls = tls_client::config(roots, settings.ca_file.as_deref())
-            .map_err(|e| format!("upstream `{name}`: {e}"))?;
-        let tls = Arc::new(tls);
-        let connector = tls_client::connector((*tls).clone(), Some(settings.connect_timeout.get()));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(settings.max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let https = scheme == Scheme::HTTPS;
+        let tls = if https {
+            let config = tls_client::config(roots, settings.ca_file.as_deref())
+                .map_err(|e| format!("upstream `{name}`: {e}"))?;
+            Some(Arc::new(config))
+        } else {
+            None
+        };
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| format!("upstream `{name}`: the host is not a valid header value"))?;
         Ok(UpstreamClient {
             name: name.into(),
             settings: settings.clone(),
-            scheme,
-            authority,
-            base_path,
-            client,
             tls,
+            host,
+            port,
+            authority,
+            host_header,
+            base_path,
+            pool: Pool::new(workers, settings.max_idle_per_host),
             duration: metrics.upstream_duration.with_label_values(&[name]),
         })
     }
 
     /// The `ws://` or `wss://` URL of a WebSocket path on this upstream.
     pub fn ws_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
-        let scheme = if self.scheme == Scheme::HTTPS {
-            "wss"
-        } else {
-            "ws"
-        };
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
         let target = match query {
             Some(q) => format!("{scheme}://{}{}{path}?{q}", self.authority, self.base_path),
             None => format!("{scheme}://{}{}{path}", self.authority, self.base_path),
@@ -99,40 +170,28 @@ impl UpstreamClient {
             .map_err(|_| GatewayError::InvalidRequest("Request target is not valid".into()))
     }
 
-    /// Opens a raw connection (TCP, then TLS for `https://` upstreams) within the
-    /// connect timeout.
-    pub async fn connect(&self) -> Result<Box<dyn Io>, GatewayError> {
-        let host = self
-            .authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let tls = self.scheme == Scheme::HTTPS;
-        let port = self
-            .authority
-            .port_u16()
-            .unwrap_or(if tls { 443 } else { 80 });
+    /// Opens a connection (TCP, then TLS for `https://` upstreams) within the connect
+    /// timeout.
+    pub async fn connect(&self) -> Result<UpstreamIo, GatewayError> {
         let limit = self.settings.connect_timeout.get();
         let unavailable =
             |e: String| GatewayError::UpstreamUnavailable(format!("upstream `{}`: {e}", self.name));
-        let tcp =
-            tokio::time::timeout(limit, tokio::net::TcpStream::connect((host.as_str(), port)))
-                .await
-                .map_err(|_| unavailable("connect timed out".into()))?
-                .map_err(|e| unavailable(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        if !tls {
-            return Ok(Box::new(tcp));
-        }
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
+        let tcp = tokio::time::timeout(limit, TcpStream::connect((self.host.as_str(), self.port)))
+            .await
+            .map_err(|_| unavailable("connect timed out".into()))?
             .map_err(|e| unavailable(e.to_string()))?;
-        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return Ok(UpstreamIo::Plain(tcp));
+        };
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| unavailable(e.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(tls.clone());
         let stream = tokio::time::timeout(limit, connector.connect(name, tcp))
             .await
             .map_err(|_| unavailable("TLS handshake timed out".into()))?
             .map_err(|e| unavailable(e.to_string()))?;
-        Ok(Box::new(stream))
+        Ok(UpstreamIo::Tls(Box::new(stream)))
     }
 
     /// The upstream's name.
@@ -150,23 +209,25 @@ impl UpstreamClient {
         self.settings.timeout.get()
     }
 
-    /// The upstream URL for a normalised path and the original query.
+    /// The request target sent upstream (origin form) for a normalised path and the
+    /// original query.
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
-        let path_and_query = match query {
-            Some(q) => format!("{}{path}?{q}", self.base_path),
-            None => format!("{}{path}", self.base_path),
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
+        let length = self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1);
+        let mut target = String::with_capacity(length);
+        target.push_str(&self.base_path);
+        target.push_str(path);
+        if let Some(query) = query {
+            target.push('?');
+            target.push_str(query);
+        }
+        PathAndQuery::from_maybe_shared(Bytes::from(target))
+            .map(Uri::from)
             .map_err(|_| GatewayError::InvalidRequest("Request target is not valid".into()))
     }
 
     /// Sends `request` (already rewritten) and returns the upstream's response with its
-    /// body streaming. `timeout` bounds the wait for the response head and every pause
-    /// in the response body.
+    /// body streaming. `timeout` bounds the wait for the response head (connecting
+    /// included) and every pause in the response body.
     pub async fn send(
         &self,
         mut request: Request<Incoming>,
@@ -175,16 +236,56 @@ impl UpstreamClient {
     ) -> Result<Response<Body>, GatewayError> {
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
+        if !request.headers().contains_key(header::HOST) {
+            request
+                .headers_mut()
+                .insert(header::HOST, self.host_header.clone());
+        }
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, self.client.request(request)).await;
+        let result = tokio::time::timeout(timeout, self.exchange(request)).await;
         self.duration.observe(started.elapsed().as_secs_f64());
         let mut response = match result {
             Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
-            Ok(Err(error)) => return Err(GatewayError::UpstreamUnavailable(describe(&error))),
-            Ok(Ok(response)) => response,
+            Ok(result) => result?,
         };
         headers::strip_hop_by_hop(response.headers_mut());
         Ok(response.map(|body| StallTimeout::new(body, timeout).boxed_unsync()))
+    }
+
+    /// One request on a kept-alive connection of this worker, or on a new one; a
+    /// request that never left a reused connection (closed by the upstream in the
+    /// meantime) goes again on a new connection.
+    async fn exchange(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Returning>, GatewayError> {
+        let request = match self.pool.checkout() {
+            Checkout::Reused(mut sender) => match pool::send(&mut sender, request).await {
+                Ok(response) => return Ok(self.returning(response, sender)),
+                Err((_, Some(request))) => request,
+                Err((error, None)) => return Err(self.failed(&error)),
+            },
+            Checkout::Empty => request,
+        };
+        let io = self.connect().await?;
+        let mut sender = pool::handshake(io).await.map_err(|e| self.failed(&e))?;
+        match pool::send(&mut sender, request).await {
+            Ok(response) => Ok(self.returning(response, sender)),
+            Err((error, _)) => Err(self.failed(&error)),
+        }
+    }
+
+    fn returning(
+        &self,
+        response: Response<Incoming>,
+        sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    ) -> Response<Returning> {
+        let pool = self.pool.clone();
+        response.map(|body| Returning::new(body, sender, pool))
+    }
+
+    fn failed(&self, error: &hyper::Error) -> GatewayError {
+        GatewayError::UpstreamUnavailable(format!("upstream `{}`: {}", self.name, describe(error)))
     }
 }
 
@@ -214,6 +315,7 @@ impl UpstreamSet {
         previous: Option<&UpstreamSet>,
         metrics: &Metrics,
     ) -> Result<Self, String> {
+        let workers = crate::worker::count(config.limits.workers);
         let needs_roots = config
             .upstreams
             .0
@@ -228,7 +330,9 @@ impl UpstreamSet {
                 .cloned();
             let client = match reused {
                 Some(client) => client,
-                None => Arc::new(UpstreamClient::new(name, settings, &roots, metrics)?),
+                None => Arc::new(UpstreamClient::new(
+                    name, settings, &roots, metrics, workers,
+                )?),
             };
             clients.insert(name.clone(), client);
         }

@@ -70,35 +70,84 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Body>> + Send;
 }
 
-/// A bound listener, ready to accept.
+/// A bound listening socket, not yet tied to a runtime: it is bound on the main runtime
+/// and served on whichever runtime runs [`run`] (a proxy worker's, or the main one).
 pub struct Listener {
-    tcp: TcpListener,
+    tcp: std::net::TcpListener,
     role: Role,
     tls: Option<TlsAcceptor>,
     proxy_protocol: bool,
 }
 
+/// Pending connections the kernel queues per listening socket.
+const BACKLOG: u32 = 1024;
+
 impl Listener {
-    /// Binds `addr`.
-    pub async fn bind(
+    /// Binds `addr` once.
+    pub fn bind(
         addr: SocketAddr,
         role: Role,
         tls: Option<TlsAcceptor>,
         proxy_protocol: bool,
     ) -> std::io::Result<Self> {
-        let tcp = TcpListener::bind(addr).await?;
         Ok(Listener {
-            tcp,
+            tcp: listen(addr, false)?,
             role,
             tls,
             proxy_protocol,
         })
     }
 
+    /// Binds `copies` sockets to `addr` with `SO_REUSEPORT`, one per worker: the kernel
+    /// spreads incoming connections over them. With port 0 the first socket fixes the
+    /// port the others share. A single copy is bound without `SO_REUSEPORT`.
+    pub fn bind_group(
+        addr: SocketAddr,
+        copies: usize,
+        role: Role,
+        tls: Option<TlsAcceptor>,
+        proxy_protocol: bool,
+    ) -> std::io::Result<Vec<Self>> {
+        let shared = copies > 1;
+        let first = listen(addr, shared)?;
+        let addr = first.local_addr()?;
+        let mut sockets = vec![first];
+        for _ in 1..copies {
+            sockets.push(listen(addr, shared)?);
+        }
+        Ok(sockets
+            .into_iter()
+            .map(|tcp| Listener {
+                tcp,
+                role,
+                tls: tls.clone(),
+                proxy_protocol,
+            })
+            .collect())
+    }
+
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
+}
+
+/// A listening socket on `addr`, non-blocking, `SO_REUSEADDR` (restarts do not wait for
+/// old connections in TIME_WAIT) and, when `shared`, `SO_REUSEPORT`.
+fn listen(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    // `listen` registers the socket with the calling runtime; it is taken back out so
+    // the runtime that serves it can adopt it.
+    socket.listen(BACKLOG)?.into_std()
 }
 
 /// What a connection needs of the listener that accepted it.
@@ -152,6 +201,13 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
         tls,
         proxy_protocol,
     } = listener;
+    let tcp = match TcpListener::from_std(tcp) {
+        Ok(tcp) => tcp,
+        Err(error) => {
+            tracing::error!(%error, role = role.as_str(), "cannot serve a listening socket");
+            return;
+        }
+    };
     let semaphore = match role {
         Role::Proxy => ctx.proxy_slots.clone(),
         Role::Admin => Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)),
@@ -166,15 +222,6 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
     });
     let mut shutdown = ctx.shutdown.clone();
     loop {
-        // The permit is taken before accepting: at the limit, new connections wait in
-        // the kernel's backlog instead of being accepted and then starved.
-        let permit = tokio::select! {
-            _ = stopped(&mut shutdown) => break,
-            permit = semaphore.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, socket_peer) = tokio::select! {
             _ = stopped(&mut shutdown) => break,
             accepted = tcp.accept() => match accepted {
@@ -184,6 +231,17 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
+            },
+        };
+        // At the limit, the accepted connection waits here for a place and this loop
+        // accepts nothing more: the next ones wait in the kernel's backlog. The place is
+        // taken after accepting, not before: with a socket per worker, a place held by
+        // a loop whose socket has no client would starve a socket that has one.
+        let permit = tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            permit = semaphore.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
             },
         };
         let accepted_on = accepted_on.clone();

@@ -422,3 +422,124 @@ async fn idle_upstream_connections_are_capped_after_a_burst() {
     );
     server.abort();
 }
+
+/// An upstream answering `ok` that counts the connections it accepted; with
+/// `one_per_connection` it closes each connection after one response, without saying so
+/// in the response (as an upstream whose keep-alive timer fires does).
+async fn counting_upstream(
+    one_per_connection: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if one_per_connection {
+                    // One exchange, then the socket is closed under the client.
+                    let mut stream = stream;
+                    let mut head = Vec::new();
+                    let mut buffer = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tokio::io::AsyncReadExt::read(&mut stream, &mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer).await;
+                    return;
+                }
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(body::full("ok")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted, server)
+}
+
+fn pooled_yaml(addr: std::net::SocketAddr, workers: usize) -> String {
+    format!(
+        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\nlimits: {{workers: {workers}}}\nupstreams: {{default: {{url: 'http://{addr}'}}}}\nroutes: [{{name: all, path: '/**'}}]\n"
+    )
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_per_worker() {
+    use std::sync::atomic::Ordering;
+    for workers in [1, 3] {
+        let (addr, accepted, server) = counting_upstream(false).await;
+        let gw = gateway(&pooled_yaml(addr, workers)).await;
+        // Each request on a new client connection: the kernel spreads those over the
+        // workers, and each worker keeps its own upstream connection.
+        for i in 0..30 {
+            let (status, _, body) = get(gw.http, &format!("/seq/{i}")).await;
+            assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+        }
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=workers).contains(&opened),
+            "{workers} worker(s) opened {opened} upstream connections for 30 requests in a row"
+        );
+        server.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_upstream_closed_is_not_a_failed_request() {
+    use std::sync::atomic::Ordering;
+    let (addr, accepted, server) = counting_upstream(true).await;
+    let gw = gateway(&pooled_yaml(addr, 1)).await;
+    for i in 0..20 {
+        let (status, _, body) = get(gw.http, &format!("/again/{i}")).await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"ok"[..]),
+            "request {i}"
+        );
+        // The close reaches the gateway before the next request.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_response_left_unread_does_not_leave_its_connection_in_the_pool() {
+    // The upstream streams a long body; the client reads the head and goes away.
+    let up = upstream(|request: Request<Incoming>| async move {
+        if request.uri().path() == "/long" {
+            return Response::new(body::full(vec![b'x'; 4 * 1024 * 1024]));
+        }
+        Response::new(body::full("short"))
+    })
+    .await;
+    let gw = gateway(&pooled_yaml(up.addr, 1)).await;
+    for _ in 0..3 {
+        let response = send(
+            gw.http,
+            request(gw.http, "/long")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        drop(response);
+        let (status, _, body) = get(gw.http, "/after").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"short"[..]));
+    }
+}

@@ -100,6 +100,9 @@ fn check_listeners(config: &Config, errors: &mut ConfigErrors) {
     }
 }
 
+/// The most proxy worker threads `limits.workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
+
 fn check_limits(config: &Config, errors: &mut ConfigErrors) {
     let limits = &config.limits;
     if limits.max_connections == 0 {
@@ -107,6 +110,13 @@ fn check_limits(config: &Config, errors: &mut ConfigErrors) {
     }
     if limits.max_websockets == 0 {
         errors.push("limits.max_websockets", "must be at least 1");
+    }
+    // More threads than this only adds memory and scheduling; 0 means one per CPU.
+    if limits.workers > MAX_WORKERS {
+        errors.push(
+            "limits.workers",
+            format!("must be at most {MAX_WORKERS} (0: one per CPU)"),
+        );
     }
     if limits.max_tracked_clients == 0 {
         errors.push("limits.max_tracked_clients", "must be at least 1");
