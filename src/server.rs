@@ -155,6 +155,8 @@ struct Accepted {
     role: Role,
     tls: Option<TlsAcceptor>,
     proxy_protocol: bool,
+    /// HTTP/1.1 and HTTP/2 settings, built once per listener.
+    http: auto::Builder<TokioExecutor>,
 }
 
 /// What every connection task needs.
@@ -219,6 +221,7 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
         role,
         tls,
         proxy_protocol,
+        http: builder(&ctx.limits),
     });
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -320,11 +323,15 @@ async fn connection<H: Handler>(
             slot: Arc::new((permit, ip_slot)),
         },
     };
+    // Boxed: the connection task stays small, and a plain connection does not carry
+    // the space of a TLS one (tasks are as large as their largest state).
     let Some(acceptor) = &listener.tls else {
-        return serve(stream, info, ctx, handler).await;
+        return Box::pin(serve(stream, info, &listener.http, ctx, handler)).await;
     };
     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => serve(tls_stream, info, ctx, handler).await,
+        Ok(Ok(tls_stream)) => {
+            Box::pin(serve(tls_stream, info, &listener.http, ctx, handler)).await
+        }
         Ok(Err(error)) => tracing::debug!(%socket_peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%socket_peer, "TLS handshake timed out"),
     }
@@ -364,8 +371,13 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn serve<IO, H>(io: IO, info: ConnInfo, ctx: ServerContext, handler: Arc<H>)
-where
+async fn serve<IO, H>(
+    io: IO,
+    info: ConnInfo,
+    builder: &auto::Builder<TokioExecutor>,
+    ctx: ServerContext,
+    handler: Arc<H>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
@@ -378,12 +390,13 @@ where
         let handler = handler.clone();
         let info = info.clone();
         async move {
-            let response = handler.handle(&info, request).await;
+            // Boxed per request: hyper keeps room for one service future per connection
+            // for the connection's whole life, idle or not; the pipeline's is kilobytes.
+            let response = Box::pin(handler.handle(&info, request)).await;
             drop(handling);
             Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
         }
     });
-    let builder = builder(&ctx.limits);
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     let mut shutdown = ctx.shutdown.clone();
