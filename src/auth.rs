@@ -174,32 +174,35 @@ impl Authenticator {
     /// The mode in force now: in the default mode, creating the first service token
     /// switches enforcement on without a restart.
     pub fn mode(&self) -> ModeReport {
-        let report = |effective, enforced, reason: &str| ModeReport {
+        let (effective, enforced) = self.enforcement();
+        let reason = match (self.configured, self.static_source) {
+            (Some(AuthMode::Disabled), _) => "auth.mode is disabled".to_string(),
+            (Some(AuthMode::Required), _) => "auth.mode is required".to_string(),
+            (Some(AuthMode::Optional), _) => "auth.mode is optional".to_string(),
+            (None, Some(source)) => format!("auth.mode is unset and {source}"),
+            (None, None) if enforced => {
+                "auth.mode is unset and an active service token exists".to_string()
+            }
+            (None, None) => "auth.mode is unset and no credential source exists".to_string(),
+        };
+        ModeReport {
             effective,
             enforced,
-            reason: reason.to_string(),
-        };
+            reason,
+        }
+    }
+
+    /// The effective mode and whether authentication is enforced, without the reason:
+    /// what each request needs.
+    pub fn enforcement(&self) -> (AuthMode, bool) {
         match self.configured {
-            Some(AuthMode::Disabled) => report(AuthMode::Disabled, false, "auth.mode is disabled"),
-            Some(AuthMode::Required) => report(AuthMode::Required, true, "auth.mode is required"),
-            Some(AuthMode::Optional) => report(AuthMode::Optional, false, "auth.mode is optional"),
-            None => match self.static_source {
-                Some(reason) => report(
-                    AuthMode::Required,
-                    true,
-                    &format!("auth.mode is unset and {reason}"),
-                ),
-                None if self.store.has_active() => report(
-                    AuthMode::Required,
-                    true,
-                    "auth.mode is unset and an active service token exists",
-                ),
-                None => report(
-                    AuthMode::Optional,
-                    false,
-                    "auth.mode is unset and no credential source exists",
-                ),
-            },
+            Some(AuthMode::Disabled) => (AuthMode::Disabled, false),
+            Some(AuthMode::Required) => (AuthMode::Required, true),
+            Some(AuthMode::Optional) => (AuthMode::Optional, false),
+            None if self.static_source.is_some() || self.store.has_active() => {
+                (AuthMode::Required, true)
+            }
+            None => (AuthMode::Optional, false),
         }
     }
 
@@ -214,10 +217,10 @@ impl Authenticator {
         websocket: bool,
         client_ip: &str,
     ) -> Result<Caller, AuthFailure> {
-        let mode = self.mode();
-        if mode.effective == AuthMode::Disabled || route.public {
+        let (effective, enforced) = self.enforcement();
+        if effective == AuthMode::Disabled || route.public {
             return Ok(Caller {
-                identity: Arc::new(Identity::anonymous()),
+                identity: anonymous(),
                 token: None,
                 skipped: true,
             });
@@ -228,8 +231,8 @@ impl Authenticator {
             credential::from_http(headers)
         };
         match credential {
-            Credential::None if !mode.enforced => Ok(Caller {
-                identity: Arc::new(Identity::anonymous()),
+            Credential::None if !enforced => Ok(Caller {
+                identity: anonymous(),
                 token: None,
                 skipped: false,
             }),
@@ -395,4 +398,11 @@ impl Authenticator {
             values: Default::default(),
         }))
     }
+}
+
+/// The anonymous identity, shared: public routes and anonymous callers allocate nothing.
+fn anonymous() -> Arc<Identity> {
+    static ANONYMOUS: std::sync::LazyLock<Arc<Identity>> =
+        std::sync::LazyLock::new(|| Arc::new(Identity::anonymous()));
+    ANONYMOUS.clone()
 }

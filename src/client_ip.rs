@@ -4,8 +4,9 @@
 //! `X-Forwarded-For`, or `X-Real-IP` (nginx's usual header) when there is neither. An untrusted client can never choose its own address.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 
-use http::header::{HeaderMap, FORWARDED};
+use http::header::{HeaderMap, HeaderValue, FORWARDED};
 
 use crate::config::Cidr;
 use crate::proxy::headers::X_FORWARDED_FOR;
@@ -99,6 +100,31 @@ fn parse_host(text: &str) -> Option<IpAddr> {
     let (host, port) = text.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
     host.parse().ok()
+}
+
+/// A client address as text, as its rate-limit key and as a header value: built once per
+/// connection for its peer, and shared by every request that resolves to it.
+#[derive(Debug, Clone)]
+pub struct ClientText {
+    /// The address as text, for messages and logs.
+    pub text: Arc<str>,
+    /// The key rate limiters use (see [`limit_key`]).
+    pub key: Arc<str>,
+    /// The address as a header value (`X-Forwarded-For`).
+    pub header: HeaderValue,
+}
+
+impl ClientText {
+    /// The forms of `ip`.
+    pub fn of(ip: IpAddr) -> Self {
+        let text: Arc<str> = ip.to_string().into();
+        let key: Arc<str> = match ip {
+            IpAddr::V4(_) => text.clone(),
+            IpAddr::V6(_) => limit_key(ip).into(),
+        };
+        let header = HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("unknown"));
+        ClientText { text, key, header }
+    }
 }
 
 /// The key a rate limiter uses for `ip`: the address itself for IPv4 (IPv4-mapped IPv6

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::client_ip::ClientText;
+
 /// What long-lived work started by a request (a WebSocket relay) needs in order to end
 /// with the gateway: the shutdown signal, and a drain guard that shutdown waits for.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub struct ConnInfo {
     /// The peer as the gateway believes it: the PROXY header's source when the TCP peer
     /// is trusted, else the TCP peer.
     pub peer: SocketAddr,
+    /// `peer` as text, rate-limit key and header value, built once for all its requests.
+    pub peer_text: ClientText,
     /// Whether the client connected over TLS.
     pub tls: bool,
     /// Shutdown signal and drain guard, for work that outlives the request.

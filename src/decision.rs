@@ -35,9 +35,9 @@ pub struct RequestContext<'a> {
     /// The client's address (contract §6.4).
     pub client_ip: IpAddr,
     /// The same, as text for messages and logs.
-    pub client: String,
+    pub client: Arc<str>,
     /// The client as rate limiters key it (IPv6: its /64).
-    pub ip_key: String,
+    pub ip_key: Arc<str>,
 }
 
 impl<'a> RequestContext<'a> {
@@ -50,14 +50,21 @@ impl<'a> RequestContext<'a> {
     ) -> Self {
         let proxies = &snapshot.config.trusted_proxies;
         let client_ip = client_ip::resolve(conn.peer.ip(), headers, proxies);
+        // Most requests come from the connection's peer itself: its text is shared.
+        let (client, ip_key) = if client_ip == conn.peer.ip() {
+            (conn.peer_text.text.clone(), conn.peer_text.key.clone())
+        } else {
+            let text = client_ip::ClientText::of(client_ip);
+            (text.text, text.key)
+        };
         RequestContext {
             shared,
             snapshot,
             conn,
             request_id: headers::request_id(headers),
             client_ip,
-            client: client_ip.to_string(),
-            ip_key: client_ip::limit_key(client_ip),
+            client,
+            ip_key,
         }
     }
 }
@@ -66,9 +73,10 @@ impl RequestContext<'_> {
     /// Takes `client` as the client's address (an ingress that names it in its own
     /// protocol, such as Envoy's check attributes).
     pub fn set_client(&mut self, client: IpAddr) {
+        let text = client_ip::ClientText::of(client);
         self.client_ip = client;
-        self.client = client.to_string();
-        self.ip_key = client_ip::limit_key(client);
+        self.client = text.text;
+        self.ip_key = text.key;
     }
 }
 
@@ -179,10 +187,10 @@ pub async fn guard(
 ) -> Result<Caller, GatewayError> {
     let (limiter, limits) = (&ctx.shared.limiter, &ctx.snapshot.config.auth.rate_limit);
     let identity = match &outcome {
-        Ok(caller) => (!caller.identity.is_anonymous()).then(|| caller.identity.subject.clone()),
-        Err(failure) => failure.identity.clone(),
+        Ok(caller) => (!caller.identity.is_anonymous()).then_some(caller.identity.subject.as_str()),
+        Err(failure) => failure.identity.as_deref(),
     };
-    if let Some(identity) = &identity {
+    if let Some(identity) = identity {
         limiter
             .check_identity(limits, identity, &ctx.client)
             .await

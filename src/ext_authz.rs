@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use tonic::Code;
 
 use crate::access_log::{AccessRecord, RouteLabel};
-use crate::client_ip;
+use crate::client_ip::{self, ClientText};
 use crate::conn::{stopped, ConnInfo, Lifecycle};
 use crate::decision::RequestContext;
 use crate::error::GatewayError;
@@ -86,6 +86,7 @@ impl Checks {
         let snapshot = self.shared.snapshot();
         let conn = ConnInfo {
             peer,
+            peer_text: ClientText::of(peer.ip()),
             tls: self.tls,
             lifecycle: self.lifecycle.clone(),
         };

@@ -223,6 +223,7 @@ fn rewrite_headers(
     }
     let forwarding = Forwarding {
         peer: ctx.conn.peer.ip(),
+        peer_header: &ctx.conn.peer_text.header,
         peer_trusted,
         scheme: if ctx.conn.tls { "https" } else { "http" },
         host: host.as_ref(),
@@ -243,6 +244,11 @@ fn forward_credential(
     if !ctx.snapshot.config.identity.forward_credentials {
         headers.remove(AUTHORIZATION);
     } else if let Some(token) = &caller.token {
+        let sent = headers.get(AUTHORIZATION).map(HeaderValue::as_bytes);
+        if sent.and_then(|v| v.strip_prefix(b"Bearer ")) == Some(token.as_bytes()) {
+            // Already in the form the upstream gets.
+            return Ok(());
+        }
         let value = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| GatewayError::InvalidRequest("Invalid credential".into()))?;
         headers.insert(AUTHORIZATION, value);

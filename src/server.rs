@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::Body;
-use crate::client_ip::is_trusted;
+use crate::client_ip::{is_trusted, ClientText};
 use crate::config::Limits;
 use crate::conn::{stopped, ConnInfo, Lifecycle};
 use crate::state::Shared;
@@ -316,6 +316,7 @@ async fn connection<H: Handler>(
     };
     let info = ConnInfo {
         peer,
+        peer_text: ClientText::of(peer.ip()),
         tls: listener.tls.is_some(),
         lifecycle: Lifecycle {
             shutdown: ctx.shutdown.clone(),
@@ -329,9 +330,7 @@ async fn connection<H: Handler>(
         return Box::pin(serve(stream, info, &listener.http, ctx, handler)).await;
     };
     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => {
-            Box::pin(serve(tls_stream, info, &listener.http, ctx, handler)).await
-        }
+        Ok(Ok(tls_stream)) => Box::pin(serve(tls_stream, info, &listener.http, ctx, handler)).await,
         Ok(Err(error)) => tracing::debug!(%socket_peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%socket_peer, "TLS handshake timed out"),
     }

@@ -71,11 +71,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        // `close`, `keep-alive`, `upgrade`: the usual tokens name nothing else to remove
+        // (and are not turned into header names, which would cost an allocation each).
+        .filter(|token| !is_usual_connection_token(token))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     remove_where(headers, |name| {
         HOP_BY_HOP.contains(name) || *name == header::UPGRADE || named.contains(name)
     });
+}
+
+/// Connection tokens that are options, or headers removed anyway.
+fn is_usual_connection_token(token: &str) -> bool {
+    ["close", "keep-alive", "upgrade", "te", ""]
+        .iter()
+        .any(|usual| token.eq_ignore_ascii_case(usual))
 }
 
 /// Removes every header whose name `matches`. One pass over the names present (a request
@@ -182,6 +193,8 @@ pub struct Forwarding<'a> {
     /// The address the request came from: with the PROXY protocol, the address its header
     /// carries.
     pub peer: IpAddr,
+    /// `peer` as a header value.
+    pub peer_header: &'a HeaderValue,
     /// Whether `peer` is a trusted proxy, whose forwarding headers are kept and extended.
     pub peer_trusted: bool,
     /// `http` or `https`: how the client reached the gateway.
@@ -195,13 +208,19 @@ pub struct Forwarding<'a> {
 /// Sets `X-Forwarded-For/-Proto/-Host` and `X-Request-Id`. From an untrusted peer, the
 /// client's own forwarding headers are replaced, never extended.
 pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
-    let peer = fwd.peer.to_string();
-    let xff = match (fwd.peer_trusted, joined(headers, &X_FORWARDED_FOR)) {
-        (true, Some(previous)) => format!("{previous}, {peer}"),
-        _ => peer,
+    let previous = match fwd.peer_trusted {
+        true => joined(headers, &X_FORWARDED_FOR),
+        false => None,
     };
-    if let Ok(value) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, value);
+    match previous {
+        Some(previous) => {
+            if let Ok(value) = HeaderValue::from_str(&format!("{previous}, {}", fwd.peer)) {
+                headers.insert(X_FORWARDED_FOR, value);
+            }
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR, fwd.peer_header.clone());
+        }
     }
     let keep = |headers: &HeaderMap, name: &HeaderName| {
         fwd.peer_trusted && headers.get(name).is_some_and(|v| !v.is_empty())
@@ -246,8 +265,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("unknown"))
+            let mut text = [0u8; uuid::fmt::Simple::LENGTH];
+            let id = uuid::Uuid::new_v4().simple().encode_lower(&mut text);
+            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown"))
         })
 }
 
