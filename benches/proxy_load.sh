@@ -3,11 +3,15 @@
 # a small body, reached (1) directly, (2) through nginx `proxy_pass` (keepalive pool,
 # 2 workers, access_log off), (3) through HAProxy with `jwt_verify` (HS256, RS256;
 # 2 threads), and (4) through this gateway (public route, HS256 JWT, RS256 JWT, service
-# token). Every target runs once per round, rounds interleaved, so the machine's drift
-# hits all alike; each line shows requests/s, p50/p99, the ratio to nginx `proxy_pass`
-# in that round and the proxy's own CPU µs per request (utime+stime from /proc). Then the
-# RSS each proxy spends per idle keep-alive connection (N connections, one request each,
-# held open). Only 127.0.0.1 is targeted; every process started here is stopped by PID.
+# token), and (5) nginx and the gateway terminating TLS 1.3 (ECDSA P-256 certificate),
+# kept-alive and with a new connection per request. Every target runs once per round,
+# rounds interleaved, so the machine's drift hits all alike; each line shows requests/s,
+# p50/p99, the ratio to nginx in that round (plain rows to nginx `proxy_pass`, TLS rows to
+# nginx over TLS the same way) and the proxy's own CPU µs per request (utime+stime from
+# /proc). Then WebSocket echo messages/s through nginx and through the gateway (32
+# connections, one message in flight each), and the RSS each proxy spends per idle
+# keep-alive connection and per idle WebSocket (N open, held). Only 127.0.0.1 is
+# targeted; every process started here is stopped by PID.
 #
 #   bash benches/proxy_load.sh                     # 3 rounds of 5 s, 5 000 idle connections
 #   ROUNDS=5 DURATION=10s IDLE=2000 bash benches/proxy_load.sh
@@ -20,7 +24,10 @@ IDLE=${IDLE:-5000}
 HOLD=${HOLD:-20}
 BASE=${BASE_PORT:-18700}
 UPSTREAM=$BASE; NGINX=$((BASE + 1)); HAPROXY=$((BASE + 2)); GATEWAY=$((BASE + 3))
-ADMIN=$((BASE + 4))
+ADMIN=$((BASE + 4)); NGINX_TLS=$((BASE + 5)); GATEWAY_TLS=$((BASE + 6)); WS_ECHO=$((BASE + 7))
+GATEWAY_RL=$((BASE + 8)); ADMIN_RL=$((BASE + 9))
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+WS_CONNECTIONS=${WS_CONNECTIONS:-32}
 
 cd "$(dirname "$0")/.."
 
@@ -34,6 +41,8 @@ fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --quiet
+WS_BENCH=$(cargo bench --bench websocket --no-run 2>&1 | sed -n 's/.*(\(target\/release\/deps\/websocket-[0-9a-f]*\)).*/\1/p' | head -1)
+test -x "$WS_BENCH"
 eval "$(cargo bench --quiet --bench jwt -- mint HS256 | sed -n 's/^TOKEN=/HS_TOKEN=/p; s/^SECRET=/SECRET=/p')"
 eval "$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^TOKEN=/RS_TOKEN=/p')"
 JWKS=$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^JWKS=//p')
@@ -48,6 +57,13 @@ cleanup() {
 trap cleanup EXIT
 openssl rsa -in tests/data/keys/rsa.pem -pubout -out "$work/rsa.pub.pem" 2>/dev/null
 printf '%s' "$SECRET" > "$work/hs.secret"
+# One certificate for both TLS terminators: ECDSA P-256, TLS 1.3 on both.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj /CN=localhost -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+
+# The WebSocket echo upstream.
+"$WS_BENCH" serve-echo "$WS_ECHO" >/dev/null 2>&1 &
+pids+=($!)
 
 # The upstream (1 worker) and nginx proxy_pass (2 workers, a pool of kept-alive upstream
 # connections): two nginx instances, so each proxy's CPU is its own.
@@ -82,17 +98,30 @@ http {
   keepalive_requests 1000000;
   keepalive_timeout 120s;
   upstream backend { server 127.0.0.1:$UPSTREAM; keepalive 64; }
+  upstream wsecho { server 127.0.0.1:$WS_ECHO; }
   server {
     listen 127.0.0.1:$NGINX;
+    listen 127.0.0.1:$NGINX_TLS ssl;
+    ssl_certificate $work/tls.crt;
+    ssl_certificate_key $work/tls.key;
+    ssl_protocols TLSv1.3;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location /ws/ {
+      proxy_pass http://wsecho; proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade; proxy_set_header Connection upgrade;
+      proxy_read_timeout 3600s;
+    }
   }
 }
 CONF
 nginx -p "$work/up" -c "$work/up/nginx.conf" -e "$work/up/error.log" &
 pids+=($!)
-nginx -p "$work/px" -c "$work/px/nginx.conf" -e "$work/px/error.log" &
-nginx_pid=$!
-pids+=("$nginx_pid")
+start_nginx() {
+  nginx -p "$work/px" -c "$work/px/nginx.conf" -e "$work/px/error.log" &
+  nginx_pid=$!
+  pids+=("$nginx_pid")
+}
+start_nginx
 
 # HAProxy verifying the JWT itself: HS256 on /hs, RS256 on /rs.
 cat > "$work/haproxy.cfg" <<CONF
@@ -118,14 +147,21 @@ backend upstream
   http-reuse always
   server up 127.0.0.1:$UPSTREAM
 CONF
-haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>"$work/haproxy.log" &
-haproxy_pid=$!
-pids+=("$haproxy_pid")
+start_haproxy() {
+  haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>"$work/haproxy.log" &
+  haproxy_pid=$!
+  pids+=("$haproxy_pid")
+}
+start_haproxy
 
 cat > "$work/gateway.yaml" <<CONF
-listen: {http: ["127.0.0.1:$GATEWAY"]}
+listen: {http: ["127.0.0.1:$GATEWAY"], https: ["127.0.0.1:$GATEWAY_TLS"]}
+tls: {cert_file: "$work/tls.crt", key_file: "$work/tls.key"}
 admin: {listen: "127.0.0.1:$ADMIN"}
-upstreams: {default: {url: "http://127.0.0.1:$UPSTREAM"}}
+limits: {max_connections: 20000}
+upstreams:
+  default: {url: "http://127.0.0.1:$UPSTREAM"}
+  wsecho: {url: "http://127.0.0.1:$WS_ECHO"}
 auth:
   jwt: {secret: "$SECRET", jwks: '$JWKS'}
   bootstrap: {token: "bench-bootstrap-$$"}
@@ -133,18 +169,40 @@ auth:
 routes:
   - {name: public, path: "/public/**", public: true}
   - {name: scoped, path: "/auth/**", scopes: [workflows:read]}
+  - {name: ws, path: "/ws/**", websocket: true, upstream: wsecho, scopes: [workflows:read]}
 log: {level: warn}
 CONF
-ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/gateway.yaml" >"$work/gateway.log" 2>&1 &
-gateway_pid=$!
-pids+=("$gateway_pid")
+start_gateway() {
+  ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/gateway.yaml" >>"$work/gateway.log" 2>&1 &
+  gateway_pid=$!
+  pids+=("$gateway_pid")
+}
+start_gateway
 
-for _ in $(seq 50); do
-  if curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 \
-     && curl -sf "http://127.0.0.1:$NGINX/" >/dev/null 2>&1 \
-     && curl -sf "http://127.0.0.1:$HAPROXY/" >/dev/null 2>&1; then break; fi
-  sleep 0.2
-done
+# A second gateway with the failure limits on: shared through Redis when one answers
+# at REDIS_URL, to compare with the same traffic with limits off.
+rl_gateway_pid=""
+redis_host=${REDIS_URL#redis://}; redis_host=${redis_host%%/*}
+if (exec 3<>"/dev/tcp/${redis_host%:*}/${redis_host#*:}") 2>/dev/null; then
+  sed -e "s|127.0.0.1:$GATEWAY\"\]|127.0.0.1:$GATEWAY_RL\"]|; s|, https: \[\"127.0.0.1:$GATEWAY_TLS\"\]||" \
+      -e "s|127.0.0.1:$ADMIN|127.0.0.1:$ADMIN_RL|" \
+      -e "s|^auth:|auth:\n  rate_limit: {ip: 1000, identity: 1000, redis_url: \"$REDIS_URL\"}|" \
+      "$work/gateway.yaml" > "$work/gateway-rl.yaml"
+  ORCHEO_GATEWAY_CONFIG= ./target/release/orcheo-gateway serve -c "$work/gateway-rl.yaml" >"$work/gateway-rl.log" 2>&1 &
+  rl_gateway_pid=$!
+  pids+=("$rl_gateway_pid")
+fi
+
+wait_ready() {
+  for _ in $(seq 50); do
+    if curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 \
+       && curl -sf "http://127.0.0.1:$NGINX/" >/dev/null 2>&1 \
+       && curl -sf "http://127.0.0.1:$HAPROXY/" >/dev/null 2>&1 \
+       && { [ -z "$rl_gateway_pid" ] || curl -sf "http://127.0.0.1:$ADMIN_RL/readyz" >/dev/null 2>&1; }; then break; fi
+    sleep 0.2
+  done
+}
+wait_ready
 SERVICE_TOKEN=$(curl -sf -X POST "http://127.0.0.1:$GATEWAY/api/admin/service-tokens" \
   -H "Authorization: Bearer bench-bootstrap-$$" -H 'content-type: application/json' \
   -d '{"identifier": "bench", "scopes": ["workflows:read"]}' | sed -n 's/.*"secret":"\([^"]*\)".*/\1/p')
@@ -180,7 +238,8 @@ tick=$(getconf CLK_TCK)
 
 # wrk against a URL with an optional credential: "requests/s p50_ms p99_ms requests".
 run() {
-  wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency ${2:+-H "Authorization: Bearer $2"} "$1" > "$work/wrk.out"
+  wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency ${2:+-H "Authorization: Bearer $2"} \
+    ${3:+-H "$3"} "$1" > "$work/wrk.out"
   awk '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /^Requests\/sec/ { rps=$2 }
@@ -190,38 +249,86 @@ run() {
     END { printf "%.0f %.3f %.3f %d\n", rps, p50, p99, n }' "$work/wrk.out"
 }
 
-for target in "$NGINX" "$HAPROXY/hs" "$GATEWAY/public"; do
-  wrk -t1 -c8 -d1s -H "Authorization: Bearer $HS_TOKEN" "http://127.0.0.1:$target/warm" >/dev/null
+for target in "http://127.0.0.1:$NGINX" "http://127.0.0.1:$HAPROXY/hs" "http://127.0.0.1:$GATEWAY/public" \
+              "https://127.0.0.1:$NGINX_TLS" "https://127.0.0.1:$GATEWAY_TLS/public" \
+              ${rl_gateway_pid:+"http://127.0.0.1:$GATEWAY_RL/auth"}; do
+  wrk -t1 -c8 -d1s -H "Authorization: Bearer $HS_TOKEN" "$target/warm" >/dev/null
 done
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk -t1 -c$CONNECTIONS -d$DURATION; $ROUNDS interleaved rounds"
-printf '%-5s %-34s %11s %8s %8s %9s %9s\n' round target "requests/s" "p50 ms" "p99 ms" "vs nginx" "CPU µs/req"
+printf '%-5s %-42s %11s %8s %8s %9s %9s\n' round target "requests/s" "p50 ms" "p99 ms" "vs nginx" "CPU µs/req"
+# label | URL | credential | extra header | process | baseline group: "=G" sets G, "G" compares to it
+close="Connection: close"
 cases=(
-  "upstream directly|$UPSTREAM/bench||-"
-  "nginx proxy_pass, no auth|$NGINX/bench||$nginx_pid"
-  "HAProxy jwt_verify HS256|$HAPROXY/hs/bench|$HS_TOKEN|$haproxy_pid"
-  "HAProxy jwt_verify RS256|$HAPROXY/rs/bench|$RS_TOKEN|$haproxy_pid"
-  "gateway, public route|$GATEWAY/public/bench||$gateway_pid"
-  "gateway, HS256 JWT|$GATEWAY/auth/bench|$HS_TOKEN|$gateway_pid"
-  "gateway, RS256 JWT|$GATEWAY/auth/bench|$RS_TOKEN|$gateway_pid"
-  "gateway, service token|$GATEWAY/auth/bench|$SERVICE_TOKEN|$gateway_pid"
+  "upstream directly|http://127.0.0.1:$UPSTREAM/bench|||-|"
+  "nginx proxy_pass, no auth|http://127.0.0.1:$NGINX/bench|||$nginx_pid|=plain"
+  "HAProxy jwt_verify HS256|http://127.0.0.1:$HAPROXY/hs/bench|$HS_TOKEN||$haproxy_pid|plain"
+  "HAProxy jwt_verify RS256|http://127.0.0.1:$HAPROXY/rs/bench|$RS_TOKEN||$haproxy_pid|plain"
+  "gateway, public route|http://127.0.0.1:$GATEWAY/public/bench|||$gateway_pid|plain"
+  "gateway, HS256 JWT|http://127.0.0.1:$GATEWAY/auth/bench|$HS_TOKEN||$gateway_pid|plain,=hs"
+  "gateway, RS256 JWT|http://127.0.0.1:$GATEWAY/auth/bench|$RS_TOKEN||$gateway_pid|plain"
+  "gateway, service token|http://127.0.0.1:$GATEWAY/auth/bench|$SERVICE_TOKEN||$gateway_pid|plain"
+  "gateway, HS256, Redis-shared limits (vs HS256)|http://127.0.0.1:$GATEWAY_RL/auth/bench|$HS_TOKEN||${rl_gateway_pid:-skip}|hs"
+  "nginx TLS proxy_pass, keep-alive|https://127.0.0.1:$NGINX_TLS/bench|||$nginx_pid|=tls"
+  "gateway TLS, HS256 JWT, keep-alive|https://127.0.0.1:$GATEWAY_TLS/auth/bench|$HS_TOKEN||$gateway_pid|tls"
+  "nginx TLS proxy_pass, connection/request|https://127.0.0.1:$NGINX_TLS/bench||$close|$nginx_pid|=tlsnew"
+  "gateway TLS, HS256, connection/request|https://127.0.0.1:$GATEWAY_TLS/auth/bench|$HS_TOKEN|$close|$gateway_pid|tlsnew"
 )
+declare -A baseline
 for round in $(seq "$ROUNDS"); do
-  nginx_rps=""
   for case in "${cases[@]}"; do
-    IFS='|' read -r label target token pid <<<"$case"
+    IFS='|' read -r label url token extra pid group <<<"$case"
+    [ "$pid" = skip ] && continue
     before=0; [ "$pid" != "-" ] && before=$(cpu_ticks "$pid")
-    read -r rps p50 p99 n < <(run "http://127.0.0.1:$target" "$token")
+    read -r rps p50 p99 n < <(run "$url" "$token" "$extra")
     cpu="-"
     if [ "$pid" != "-" ]; then
       after=$(cpu_ticks "$pid")
       cpu=$(awk -v t=$((after - before)) -v hz="$tick" -v n="$n" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     fi
-    [ "$target" = "$NGINX/bench" ] && nginx_rps=$rps
-    ratio=$(awk -v a="$rps" -v b="${nginx_rps:-0}" 'BEGIN { if (b > 0) printf "%.2f", a/b; else printf "-" }')
-    printf '%-5s %-34s %11s %8s %8s %9s %9s\n' "$round" "$label" "$rps" "$p50" "$p99" "$ratio" "$cpu"
+    ratio="-"
+    IFS=',' read -ra parts <<<"$group"
+    for part in "${parts[@]}"; do
+      case "$part" in
+        =*) baseline[${part#=}]=$rps; [ "$ratio" = "-" ] && ratio="1.00" ;;
+        ?*) [ "$ratio" = "-" ] && ratio=$(awk -v a="$rps" -v b="${baseline[$part]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a/b; else printf "-" }') ;;
+      esac
+    done
+    printf '%-5s %-42s %11s %8s %8s %9s %9s\n' "$round" "$label" "$rps" "$p50" "$p99" "$ratio" "$cpu"
   done
 done
+
+# WebSocket relay: echo messages/s, WS_CONNECTIONS connections with one message in flight
+# each, through nginx and through the gateway (HS256 JWT in the query), interleaved.
+ws_seconds=${DURATION%s}
+echo
+echo "websocket echo: $WS_CONNECTIONS connections, one message in flight each, ${ws_seconds} s per run"
+printf '%-5s %-42s %11s %9s %13s\n' round proxy "messages/s" "vs nginx" "CPU µs/msg"
+for round in $(seq "$ROUNDS"); do
+  nginx_ws=""
+  for case in "nginx|ws://127.0.0.1:$NGINX/ws/echo|$nginx_pid" \
+              "gateway, HS256 JWT|ws://127.0.0.1:$GATEWAY/ws/echo?access_token=$HS_TOKEN|$gateway_pid"; do
+    IFS='|' read -r label url pid <<<"$case"
+    before=$(cpu_ticks "$pid")
+    rate=$("$WS_BENCH" ping-pong "$url" "$WS_CONNECTIONS" "$ws_seconds")
+    after=$(cpu_ticks "$pid")
+    [ -z "$nginx_ws" ] && nginx_ws=$rate
+    ratio=$(awk -v a="$rate" -v b="$nginx_ws" 'BEGIN { printf "%.2f", a/b }')
+    cpu=$(awk -v t=$((after - before)) -v hz="$tick" -v n="$rate" -v s="$ws_seconds" 'BEGIN { printf "%.1f", t / hz * 1e6 / (n * s) }')
+    printf '%-5s %-42s %11s %9s %13s\n' "$round" "$label" "$rate" "$ratio" "$cpu"
+  done
+done
+
+# Memory figures come from fresh processes: after the load above, memory the proxies
+# freed would be reused by the idle connections and hide their cost.
+restart_proxies() {
+  for pid in "$nginx_pid" "$haproxy_pid" "$gateway_pid" $rl_gateway_pid; do kill "$pid" 2>/dev/null || true; done
+  for pid in "$nginx_pid" "$haproxy_pid" "$gateway_pid" $rl_gateway_pid; do wait "$pid" 2>/dev/null || true; done
+  rl_gateway_pid=""
+  start_nginx; start_haproxy; start_gateway; wait_ready
+}
+restart_proxies
+for warm in "$NGINX/warm" "$HAPROXY/warm" "$GATEWAY/public/warm"; do curl -sf -o /dev/null "http://127.0.0.1:$warm"; done
 
 # Idle keep-alive connections: IDLE connections, one request each, then held for HOLD s;
 # the proxy's RSS growth per connection, and how many are still open at the end.
@@ -272,4 +379,25 @@ for case in "nginx proxy_pass|$NGINX|$nginx_pid" "HAProxy|$HAPROXY|$haproxy_pid"
   exec 3<&-
   per=$(awk -v a="$during" -v b="$before" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')
   printf '%-28s %14s %18s\n' "$label" "$per" "$open/$IDLE"
+done
+
+# Idle WebSockets: IDLE upgraded connections held open (each also holds an upstream
+# connection on the proxy); the proxy's RSS growth per WebSocket.
+restart_proxies
+"$WS_BENCH" ping-pong "ws://127.0.0.1:$NGINX/ws/warm" 2 1 >/dev/null
+"$WS_BENCH" ping-pong "ws://127.0.0.1:$GATEWAY/ws/warm?access_token=$HS_TOKEN" 2 1 >/dev/null
+echo
+echo "idle WebSockets: $IDLE open, held"
+printf '%-28s %14s\n' proxy "KiB per socket"
+for case in "nginx|ws://127.0.0.1:$NGINX/ws/idle|$nginx_pid" \
+            "gateway|ws://127.0.0.1:$GATEWAY/ws/idle?access_token=$HS_TOKEN|$gateway_pid"; do
+  IFS='|' read -r label url pid <<<"$case"
+  before=$(rss_kib "$pid")
+  coproc HOLD_WS { "$WS_BENCH" hold "$url" "$IDLE"; }
+  read -r _ <&"${HOLD_WS[0]}"
+  during=$(rss_kib "$pid")
+  echo done >&"${HOLD_WS[1]}"
+  wait "$HOLD_WS_PID" 2>/dev/null || true
+  per=$(awk -v a="$during" -v b="$before" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')
+  printf '%-28s %14s\n' "$label" "$per"
 done

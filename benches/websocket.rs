@@ -3,6 +3,12 @@
 //!
 //!   cargo build --release && cargo bench --bench websocket
 //!
+//! `benches/proxy_load.sh` drives it in parts, to compare the gateway with nginx:
+//!
+//!   cargo bench --bench websocket -- serve-echo PORT          # echo upstream until killed
+//!   cargo bench --bench websocket -- ping-pong URL CONNS SECS # messages/s, one in flight each
+//!   cargo bench --bench websocket -- hold URL N               # N open; "held"; waits for stdin
+//!
 //! The gateway runs as the release binary (a process of its own, so its memory is its
 //! own); the echo upstream and the clients run here. Everything is on 127.0.0.1.
 
@@ -23,23 +29,25 @@ const IDLE: usize = 9_000;
 async fn echo_upstream() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(message)) = socket.next().await {
-                    if (message.is_text() || message.is_binary())
-                        && socket.send(message).await.is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    tokio::spawn(serve_echo(listener));
     addr
+}
+
+/// Echoes every text and binary message back on its connection.
+async fn serve_echo(listener: TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            while let Some(Ok(message)) = socket.next().await {
+                if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 /// Total echoed messages per second over `CONNECTIONS` pipelined connections to `url`.
@@ -99,7 +107,90 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Echoed messages per second over `connections` connections, each with one message in
+/// flight at a time (send, wait for the echo, send again), for `seconds`.
+async fn ping_pong(url: &str, connections: usize, seconds: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+                let mut echoed = 0u64;
+                while Instant::now() < deadline {
+                    socket
+                        .send(Message::text("ping-pong message, 32 bytes long"))
+                        .await
+                        .unwrap();
+                    match socket.next().await {
+                        Some(Ok(message)) if message.is_text() => echoed += 1,
+                        other => panic!("no echo: {other:?}"),
+                    }
+                }
+                echoed
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The parts `benches/proxy_load.sh` runs; `None` when the arguments name none.
+fn part(args: &[String]) -> Option<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let at = |name: &str| args.iter().position(|a| a == name);
+    if let Some(i) = at("serve-echo") {
+        let port: u16 = args.get(i + 1)?.parse().ok()?;
+        runtime().block_on(async move {
+            let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            serve_echo(listener).await;
+        });
+        return Some(());
+    }
+    if let Some(i) = at("ping-pong") {
+        let url = args.get(i + 1)?.clone();
+        let connections: usize = args.get(i + 2)?.parse().ok()?;
+        let seconds: f64 = args.get(i + 3)?.parse().ok()?;
+        let rate = runtime().block_on(ping_pong(&url, connections, seconds));
+        println!("{rate:.0}");
+        return Some(());
+    }
+    if let Some(i) = at("hold") {
+        let url = args.get(i + 1)?.clone();
+        let count: usize = args.get(i + 2)?.parse().ok()?;
+        runtime().block_on(async move {
+            let mut held = Vec::with_capacity(count);
+            for _ in 0..count {
+                let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+                    .await
+                    .unwrap();
+                held.push(socket);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            println!("held");
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            drop(held);
+        });
+        return Some(());
+    }
+    None
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if part(&args).is_some() {
+        return;
+    }
     let binary = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/orcheo-gateway");
     assert!(
         std::path::Path::new(binary).exists(),
