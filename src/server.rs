@@ -109,6 +109,13 @@ impl Listener {
         proxy_protocol: bool,
     ) -> std::io::Result<Vec<Self>> {
         let shared = copies > 1;
+        if shared && addr.port() != 0 {
+            // `SO_REUSEPORT` would let these sockets join another process's listener on
+            // the same port (another gateway started by mistake) and split its traffic.
+            // A plain bind fails if anything listens there, so the port is proven free
+            // first.
+            probe(addr)?;
+        }
         let first = listen(addr, shared)?;
         let addr = first.local_addr()?;
         let mut sockets = vec![first];
@@ -130,6 +137,18 @@ impl Listener {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
+}
+
+/// Binds `addr` without `SO_REUSEPORT` and lets go at once: fails with "address in use"
+/// when any socket listens there.
+fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)
 }
 
 /// A listening socket on `addr`, non-blocking, `SO_REUSEADDR` (restarts do not wait for

@@ -488,3 +488,45 @@ async fn the_healthcheck_command_asks_the_admin_listener() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("unhealthy"));
     assert_eq!(healthcheck("off").status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn a_second_gateway_on_a_taken_port_fails_instead_of_sharing_it() {
+    let up = echo_upstream().await;
+    let port = free_port();
+    let config = |admin: u16| {
+        orcheo_gateway::config::load(
+            &format!(
+                "listen: {{http: ['127.0.0.1:{port}']}}\nadmin: {{listen: '127.0.0.1:{admin}'}}\nlimits: {{workers: 2}}\nupstreams: {{default: {{url: '{}'}}}}\nroutes: [{{name: all, path: '/**'}}]\n",
+                up.url()
+            ),
+            &Default::default(),
+        )
+        .unwrap()
+    };
+    let first = start(config(free_port()), None).await;
+    assert_eq!(first.http.port(), port);
+    assert_eq!(get(first.http, "/x").await.0, StatusCode::OK);
+    // Both would set SO_REUSEPORT; the second must still see the port as taken.
+    let second = orcheo_gateway::app::Gateway::start_with_store(
+        config(free_port()),
+        None,
+        Default::default(),
+        std::sync::Arc::new(orcheo_gateway::store::MemoryStore::new()),
+    )
+    .await;
+    let Err(error) = second else {
+        panic!("a second gateway started on a port already served");
+    };
+    let text = error.to_string();
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}")) && text.contains("listen.http"),
+        "{text}"
+    );
+    // The first one still answers every connection.
+    for i in 0..10 {
+        assert_eq!(
+            get(first.http, &format!("/after/{i}")).await.0,
+            StatusCode::OK
+        );
+    }
+}
