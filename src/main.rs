@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// With the `mimalloc` feature: fewer instructions per allocation on the request path,
+/// at the price of more resident memory per idle connection.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     orcheo_gateway::cli::run(orcheo_gateway::cli::Cli::parse())
 }
