@@ -13,6 +13,8 @@
 //! - [`config`]: `gateway.yaml` and environment, parsed into validated types.
 //! - [`server`]: accept loop, connection limits, TLS with certificate reload, PROXY
 //!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts; knows nothing of what it serves.
+//! - [`worker`]: the proxy workers — a single-threaded runtime per CPU, each with its own
+//!   listening sockets and upstream connections.
 //! - [`conn`]: what a request knows of its connection, and how long-lived work ends.
 //! - [`handler`]: THE request pipeline of the proxy listeners.
 //! - [`decision`]: route → authenticate → authorize → limit, shared by the proxy path and
@@ -25,7 +27,8 @@
 //! - [`auth`]: credential extraction, JWT and JWKS, bootstrap and service tokens → caller.
 //! - [`authz`]: scopes and workspaces, pure functions of the caller and the route.
 //! - [`ratelimit`]: sliding windows for failures and route rates, optionally in Redis.
-//! - [`proxy`]: upstream clients, header rewriting, the WebSocket relay.
+//! - [`proxy`]: upstream clients and their per-worker connection pools, header
+//!   rewriting, the WebSocket relay.
 //! - [`query`]: query strings as form parameters; credential parameters found, removed
 //!   and redacted the one way.
 //! - [`store`]: where service tokens live (the `TokenStore` trait) and its cache.

@@ -39,6 +39,7 @@ fn empty_input_is_the_documented_defaults() {
         limits.websocket_idle_timeout.get(),
         Duration::from_secs(600)
     );
+    assert_eq!(limits.workers, 0, "one worker per CPU");
     assert_eq!(config.auth.mode, None);
     assert_eq!(config.auth.jwt.allowed_algorithms.0, vec!["RS256", "HS256"]);
     assert_eq!(config.auth.jwt.required_claims.0, vec!["exp"]);
@@ -383,4 +384,19 @@ fn the_grpc_listener_is_validated() {
     )
     .unwrap();
     assert_eq!(config.forward_auth.grpc_listen, None);
+}
+
+#[test]
+fn workers_are_bounded() {
+    assert_eq!(
+        load("limits: {workers: 3}", &Env::new())
+            .unwrap()
+            .limits
+            .workers,
+        3
+    );
+    let refused = errors_of("limits: {workers: 1000}").to_string();
+    assert!(refused.contains("limits.workers"), "{refused}");
+    let refused = errors_of("limits: {workers: -1}").to_string();
+    assert!(refused.contains("limits.workers"), "{refused}");
 }
