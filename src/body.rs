@@ -41,7 +41,12 @@ pub struct BodyStalled(pub Duration);
 pub struct StallTimeout<B> {
     inner: B,
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// Made on the first pause only: a body that is ready whenever asked (most small
+    /// responses) costs no timer at all.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Whether `sleep` counts the current pause (set when a pause starts, cleared by
+    /// every frame).
+    armed: bool,
 }
 
 impl<B> StallTimeout<B> {
@@ -50,7 +55,8 @@ impl<B> StallTimeout<B> {
         StallTimeout {
             inner,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
+            armed: false,
         }
     }
 }
@@ -69,11 +75,19 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            let deadline = Instant::now() + this.timeout;
-            this.sleep.as_mut().reset(deadline);
+            this.armed = false;
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        ready!(this.sleep.as_mut().poll(cx));
+        let timeout = this.timeout;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if !this.armed {
+            // A pause starts: the timeout counts from here.
+            sleep.as_mut().reset(Instant::now() + timeout);
+            this.armed = true;
+        }
+        ready!(sleep.as_mut().poll(cx));
         Poll::Ready(Some(Err(Box::new(BodyStalled(this.timeout)))))
     }
 
@@ -83,5 +97,65 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// A body fed by a channel: a frame per message, the end when the sender goes.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl HttpBody for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|next| next.map(|bytes| Ok(Frame::data(bytes))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pauses_shorter_than_the_timeout_pass_and_a_longer_one_fails() {
+        let (tx, rx) = mpsc::channel(1);
+        let mut body = StallTimeout::new(Fed(rx), Duration::from_secs(5));
+        let feeder = tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                tx.send(Bytes::from_static(b"chunk")).await.unwrap();
+            }
+            // Then silence, the sender kept open.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        for _ in 0..3 {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "chunk");
+        }
+        let started = Instant::now();
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(error.is::<BodyStalled>(), "{error}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        feeder.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_ends_is_not_cut() {
+        let (tx, rx) = mpsc::channel(1);
+        let mut body = StallTimeout::new(Fed(rx), Duration::from_secs(5));
+        tx.send(Bytes::from_static(b"all")).await.unwrap();
+        drop(tx);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "all"
+        );
+        assert!(body.frame().await.is_none());
     }
 }
