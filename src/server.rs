@@ -222,6 +222,9 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
         tls,
         proxy_protocol,
     } = listener;
+    // Adopting fails only when the runtime cannot watch the socket (out of memory or
+    // epoll watches); the socket is then closed, so the kernel hands its share of new
+    // connections to the other workers' sockets instead of queueing them unserved.
     let tcp = match TcpListener::from_std(tcp) {
         Ok(tcp) => tcp,
         Err(error) => {
