@@ -3,7 +3,8 @@
 //! response body has been read to its end. No lock is shared between workers, and a
 //! connection is driven by the runtime of the worker that opened it.
 //!
-//! Bounds: at most `max_idle_per_host` idle connections over all workers (split evenly);
+//! Bounds: `max_idle_per_host` idle connections split over the workers (each share rounded
+//! up to a whole connection);
 //! a connection idle for [`IDLE_TIMEOUT`] is closed, and never reused after that.
 
 use std::pin::Pin;
@@ -115,12 +116,6 @@ impl Pool {
             tokio::spawn(sweep(Arc::downgrade(self), index));
         }
     }
-
-    /// Idle connections held now, over all workers.
-    #[cfg(test)]
-    pub fn idle(&self) -> usize {
-        self.slots.iter().map(|slot| lock(slot).idle.len()).sum()
-    }
 }
 
 /// Closes the expired connections of one worker's list while it holds any, so a quiet
@@ -227,5 +222,19 @@ impl Drop for Returning {
         if self.body.is_end_stream() {
             self.give_back();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idle_bound_is_split_over_the_workers() {
+        assert_eq!(Pool::new(2, 64).per_slot, 32);
+        assert_eq!(Pool::new(3, 64).per_slot, 22, "rounded up: 66 at most");
+        assert_eq!(Pool::new(4, 1).per_slot, 1, "one each rather than none");
+        assert_eq!(Pool::new(2, 0).per_slot, 0, "0 keeps nothing");
+        assert_eq!(Pool::new(0, 8).slots.len(), 1, "at least one list");
     }
 }
