@@ -4,8 +4,8 @@
 //! connection is driven by the runtime of the worker that opened it.
 //!
 //! Bounds: `max_idle_per_host` idle connections split over the workers (each share rounded
-//! up to a whole connection);
-//! a connection idle for [`IDLE_TIMEOUT`] is closed, and never reused after that.
+//! up to a whole connection); a connection idle for [`IDLE_TIMEOUT`] is closed, and never
+//! reused after that.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
