@@ -369,38 +369,112 @@ async fn semicolons_in_path_segments_and_lower_case_methods_do_not_pass() {
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
 }
 
+/// How a [`CountingUpstream`] answers.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// `ok` after `delay`, keeping the connection alive.
+    KeptAlive { delay: Duration },
+    /// `ok` at once, then the socket is closed without saying so in the response (as an
+    /// upstream whose keep-alive timer fires does).
+    OnePerConnection,
+}
+
+/// An upstream answering `ok` that counts the connections it accepted and those still
+/// open.
+struct CountingUpstream {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl CountingUpstream {
+    async fn start(answer: Answer) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let open = std::sync::Arc::new(AtomicUsize::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted_count, open_count) = (accepted.clone(), open.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted_count.fetch_add(1, Ordering::SeqCst);
+                open_count.fetch_add(1, Ordering::SeqCst);
+                let open_count = open_count.clone();
+                tokio::spawn(async move {
+                    serve_counted(stream, answer).await;
+                    open_count.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        CountingUpstream {
+            addr,
+            accepted,
+            open,
+            server,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingUpstream {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn serve_counted(mut stream: tokio::net::TcpStream, answer: Answer) {
+    let delay = match answer {
+        Answer::KeptAlive { delay } => delay,
+        Answer::OnePerConnection => {
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::io::AsyncReadExt::read(&mut stream, &mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buffer[..n]),
+                }
+            }
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer).await;
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |_req| async move {
+        tokio::time::sleep(delay).await;
+        Ok::<_, std::convert::Infallible>(Response::new(body::full("ok")))
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
+}
+
+/// A gateway forwarding everything to `addr`, with `workers` workers (0: one per CPU)
+/// and `upstream` appended to the upstream's settings.
+fn pooled_yaml(addr: std::net::SocketAddr, workers: usize, upstream: &str) -> String {
+    format!(
+        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\nlimits: {{workers: {workers}}}\nupstreams: {{default: {{url: 'http://{addr}'{upstream}}}}}\nroutes: [{{name: all, path: '/**'}}]\n"
+    )
+}
+
 #[tokio::test]
 async fn idle_upstream_connections_are_capped_after_a_burst() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    // An upstream that counts its open connections and answers slowly enough that a
-    // burst needs one connection per request.
-    let open = std::sync::Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let counter = open.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let counter = counter.clone();
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    Ok::<_, std::convert::Infallible>(Response::new(body::full("ok")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-                counter.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    let gw = gateway(&format!(
-        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\nupstreams: {{default: {{url: 'http://{addr}', max_idle_per_host: 2}}}}\nroutes: [{{name: all, path: '/**'}}]\n"
-    ))
+    // Answers slowly enough that a burst needs one connection per request.
+    let up = CountingUpstream::start(Answer::KeptAlive {
+        delay: Duration::from_millis(200),
+    })
     .await;
+    let gw = gateway(&pooled_yaml(up.addr, 0, ", max_idle_per_host: 2")).await;
     let burst: Vec<_> = (0..20)
         .map(|i| {
             let http = gw.http;
@@ -410,100 +484,37 @@ async fn idle_upstream_connections_are_capped_after_a_burst() {
     for request in burst {
         assert_eq!(request.await.unwrap(), StatusCode::OK);
     }
-    assert!(open.load(Ordering::SeqCst) <= 20);
-    let capped = eventually(Duration::from_secs(5), || async {
-        open.load(Ordering::SeqCst) <= 2
-    })
-    .await;
-    assert!(
-        capped,
-        "{} idle upstream connections kept",
-        open.load(Ordering::SeqCst)
-    );
-    server.abort();
-}
-
-/// An upstream answering `ok` that counts the connections it accepted; with
-/// `one_per_connection` it closes each connection after one response, without saying so
-/// in the response (as an upstream whose keep-alive timer fires does).
-async fn counting_upstream(
-    one_per_connection: bool,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    tokio::task::JoinHandle<()>,
-) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let counter = accepted.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if one_per_connection {
-                    // One exchange, then the socket is closed under the client.
-                    let mut stream = stream;
-                    let mut head = Vec::new();
-                    let mut buffer = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tokio::io::AsyncReadExt::read(&mut stream, &mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buffer[..n]),
-                        }
-                    }
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer).await;
-                    return;
-                }
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(body::full("ok")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, accepted, server)
-}
-
-fn pooled_yaml(addr: std::net::SocketAddr, workers: usize) -> String {
-    format!(
-        "listen: {{http: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\nlimits: {{workers: {workers}}}\nupstreams: {{default: {{url: 'http://{addr}'}}}}\nroutes: [{{name: all, path: '/**'}}]\n"
-    )
+    assert!(up.open() <= 20);
+    let capped = eventually(Duration::from_secs(5), || async { up.open() <= 2 }).await;
+    assert!(capped, "{} idle upstream connections kept", up.open());
 }
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_per_worker() {
-    use std::sync::atomic::Ordering;
     for workers in [1, 3] {
-        let (addr, accepted, server) = counting_upstream(false).await;
-        let gw = gateway(&pooled_yaml(addr, workers)).await;
+        let up = CountingUpstream::start(Answer::KeptAlive {
+            delay: Duration::ZERO,
+        })
+        .await;
+        let gw = gateway(&pooled_yaml(up.addr, workers, "")).await;
         // Each request on a new client connection: the kernel spreads those over the
         // workers, and each worker keeps its own upstream connection.
         for i in 0..30 {
             let (status, _, body) = get(gw.http, &format!("/seq/{i}")).await;
             assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
         }
-        let opened = accepted.load(Ordering::SeqCst);
+        let opened = up.accepted();
         assert!(
             (1..=workers).contains(&opened),
             "{workers} worker(s) opened {opened} upstream connections for 30 requests in a row"
         );
-        server.abort();
     }
 }
 
 #[tokio::test]
 async fn a_kept_connection_the_upstream_closed_is_not_a_failed_request() {
-    use std::sync::atomic::Ordering;
-    let (addr, accepted, server) = counting_upstream(true).await;
-    let gw = gateway(&pooled_yaml(addr, 1)).await;
+    let up = CountingUpstream::start(Answer::OnePerConnection).await;
+    let gw = gateway(&pooled_yaml(up.addr, 1, "")).await;
     for i in 0..20 {
         let (status, _, body) = get(gw.http, &format!("/again/{i}")).await;
         assert_eq!(
@@ -514,8 +525,7 @@ async fn a_kept_connection_the_upstream_closed_is_not_a_failed_request() {
         // The close reaches the gateway before the next request.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 20);
-    server.abort();
+    assert_eq!(up.accepted(), 20);
 }
 
 #[tokio::test]
@@ -528,7 +538,7 @@ async fn a_response_left_unread_does_not_leave_its_connection_in_the_pool() {
         Response::new(body::full("short"))
     })
     .await;
-    let gw = gateway(&pooled_yaml(up.addr, 1)).await;
+    let gw = gateway(&pooled_yaml(up.addr, 1, "")).await;
     for _ in 0..3 {
         let response = send(
             gw.http,

@@ -65,13 +65,14 @@ impl Pool {
         })
     }
 
-    fn slot(&self) -> &Mutex<Slot> {
-        &self.slots[crate::worker::current() % self.slots.len()]
+    /// The calling worker's list.
+    fn index(&self) -> usize {
+        crate::worker::current() % self.slots.len()
     }
 
     /// The calling worker's most recently used live connection, if any.
     pub fn checkout(&self) -> Checkout {
-        let mut slot = lock(self.slot());
+        let mut slot = lock(&self.slots[self.index()]);
         while let Some(idle) = slot.idle.pop() {
             if idle.since.elapsed() < IDLE_TIMEOUT && idle.sender.is_ready() {
                 return Checkout::Reused(idle.sender);
@@ -102,7 +103,7 @@ impl Pool {
 
     fn keep(self: &Arc<Self>, sender: SendRequest<Incoming>) {
         let now = Instant::now();
-        let index = crate::worker::current() % self.slots.len();
+        let index = self.index();
         let mut slot = lock(&self.slots[index]);
         slot.idle.retain(|idle| now - idle.since < IDLE_TIMEOUT);
         if slot.idle.len() >= self.per_slot {
