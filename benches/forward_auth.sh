@@ -21,26 +21,13 @@ STATIC=$((BASE_PORT + 3)); VIA_GW=$((BASE_PORT + 4)); VIA_STATIC=$((BASE_PORT + 
 
 cd "$(dirname "$0")/.."
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx; then
-  echo "installing wrk and nginx (apt-get)…" >&2
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk nginx >/dev/null
-fi
+source benches/common.sh
+install_missing wrk nginx
 
 cargo build --release --quiet
 cargo bench --no-run --quiet --bench ext_authz 2>/dev/null
 eval "$(cargo bench --quiet --bench jwt -- mint HS256 | sed -n 's/^TOKEN=/HS_TOKEN=/p; s/^SECRET=/SECRET=/p')"
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 cat > "$work/gateway.yaml" <<CONF
 listen: {http: ["127.0.0.1:$GW"]}
@@ -133,8 +120,6 @@ for token in "$HS_TOKEN" "$SERVICE_TOKEN"; do
 done
 test "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$VIA_GW/auth/x")" = 401
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-tick=$(getconf CLK_TCK)
 
 # Runs wrk against a front with the credential; prints "requests/s p50_ms p99_ms requests".
 run() {

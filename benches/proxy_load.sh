@@ -31,13 +31,8 @@ WS_CONNECTIONS=${WS_CONNECTIONS:-32}
 
 cd "$(dirname "$0")/.."
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need haproxy; then
-  echo "installing wrk, nginx and haproxy (apt-get)…" >&2
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk nginx haproxy >/dev/null
-fi
+source benches/common.sh
+install_missing wrk nginx haproxy
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --quiet
@@ -47,14 +42,6 @@ eval "$(cargo bench --quiet --bench jwt -- mint HS256 | sed -n 's/^TOKEN=/HS_TOK
 eval "$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^TOKEN=/RS_TOKEN=/p')"
 JWKS=$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^JWKS=//p')
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
 openssl rsa -in tests/data/keys/rsa.pem -pubout -out "$work/rsa.pub.pem" 2>/dev/null
 printf '%s' "$SECRET" > "$work/hs.secret"
 # One certificate for both TLS terminators: ECDSA P-256, TLS 1.3 on both.
@@ -218,23 +205,6 @@ for check in "$GATEWAY/auth/x|$RS_TOKEN|200" "$GATEWAY/auth/x||401" \
   fi
 done
 
-# CPU ticks (utime+stime) of a process and its children (nginx's workers).
-cpu_ticks() {
-  local total=0 pid
-  for pid in "$1" $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
-  done
-  echo "$total"
-}
-# RSS in KiB of a process and its children.
-rss_kib() {
-  local total=0 pid
-  for pid in "$1" $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")))
-  done
-  echo "$total"
-}
-tick=$(getconf CLK_TCK)
 
 # wrk against a URL with an optional credential: "requests/s p50_ms p99_ms requests".
 run() {
