@@ -197,3 +197,23 @@ impl Signals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_token_that_begins_with_a_dash_is_a_value() {
+        let secret = "-N3x_q8ZkYv2c1WlJ0tB7uHs5rD4aPmEoIfGyQnXKjT";
+        for args in [
+            ["orcheo-gateway", "token", "list", "--service-token", secret],
+            ["orcheo-gateway", "token", "--service-token", secret, "list"],
+        ] {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            let Command::Token { connection, .. } = cli.command else {
+                panic!("not the token command");
+            };
+            assert_eq!(connection.service_token.as_deref(), Some(secret));
+        }
+    }
+}

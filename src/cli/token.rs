@@ -27,7 +27,8 @@ pub struct Connection {
     #[arg(long, global = true, value_name = "URL")]
     pub api_url: Option<String>,
     /// The credential. Default: $ORCHEO_SERVICE_TOKEN, the profile's service_token.
-    #[arg(long, global = true, value_name = "TOKEN")]
+    // A secret is base64url and may begin with `-`: it is still the value, not a flag.
+    #[arg(long, global = true, value_name = "TOKEN", allow_hyphen_values = true)]
     pub service_token: Option<String>,
     /// Profile in cli.toml. Default: $ORCHEO_PROFILE, else `default`.
     #[arg(long, global = true, value_name = "NAME")]
