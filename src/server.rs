@@ -1,19 +1,14 @@
 //! Listeners and connections: accept under a connection limit, PROXY protocol and TLS
-//! handshakes under the header timeout, HTTP/1.1 and HTTP/2 serving with idle and
-//! slow-client cut-offs, and graceful drain on shutdown.
+//! handshakes under the header timeout, then HTTP on each connection (`http`: HTTP/1.1
+//! and HTTP/2, idle and slow-client cut-offs, graceful drain on shutdown).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -25,11 +20,12 @@ use crate::conn::{stopped, ConnInfo, Lifecycle};
 use crate::state::Shared;
 
 mod activity;
+mod http;
 mod per_ip;
 pub mod proxy_protocol;
 pub mod tls;
 
-use activity::{Activity, Guarded, Tracked};
+use http::Http;
 use per_ip::PerIp;
 
 /// Admin connections have their own small limit, so a flood on the main listeners
@@ -175,7 +171,7 @@ struct Accepted {
     tls: Option<TlsAcceptor>,
     proxy_protocol: bool,
     /// HTTP/1.1 and HTTP/2 settings, built once per listener.
-    http: auto::Builder<TokioExecutor>,
+    http: Http,
 }
 
 /// What every connection task needs.
@@ -243,7 +239,7 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
         role,
         tls,
         proxy_protocol,
-        http: builder(&ctx.limits),
+        http: Http::new(&ctx.limits),
     });
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -349,115 +345,13 @@ async fn connection<H: Handler>(
     // Boxed: the connection task stays small, and a plain connection does not carry
     // the space of a TLS one (tasks are as large as their largest state).
     let Some(acceptor) = &listener.tls else {
-        return Box::pin(serve(stream, info, &listener.http, ctx, handler)).await;
+        return Box::pin(http::serve(stream, info, &listener.http, ctx, handler)).await;
     };
     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => Box::pin(serve(tls_stream, info, &listener.http, ctx, handler)).await,
+        Ok(Ok(tls_stream)) => {
+            Box::pin(http::serve(tls_stream, info, &listener.http, ctx, handler)).await
+        }
         Ok(Err(error)) => tracing::debug!(%socket_peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%socket_peer, "TLS handshake timed out"),
     }
-}
-
-/// Interval of the per-connection watchdog: the resolution of the idle and first-request
-/// cut-offs.
-fn watchdog_period(limits: &Limits) -> Duration {
-    let shortest = limits
-        .header_read_timeout
-        .get()
-        .min(limits.idle_timeout.get());
-    (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
-}
-
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let max_head = limits.max_header_bytes.0 as usize;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's own limit sits well above ours: requests between the two get the
-    // gateway's JSON 431; only grossly oversized heads meet hyper's bare 431.
-    // No hyper header timeout (hyper's default is 30 s once a timer is set): hyper runs
-    // it while a kept-alive connection waits for its next request, which would cut idle
-    // connections long before `idle_timeout`. The watchdog bounds request heads instead,
-    // from their first byte.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size((max_head * 2 + 4096).max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(max_head * 2).unwrap_or(u32::MAX))
-        // Bounds the work one connection can queue; the usual default of peers.
-        .max_concurrent_streams(256);
-    builder
-}
-
-async fn serve<IO, H>(
-    io: IO,
-    info: ConnInfo,
-    builder: &auto::Builder<TokioExecutor>,
-    ctx: ServerContext,
-    handler: Arc<H>,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Handler,
-{
-    let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Tracked::new(io, activity.clone()));
-    let info = Arc::new(info);
-    let tracker = activity.clone();
-    let service = service_fn(move |request: Request<Incoming>| {
-        let (in_flight, handling) = tracker.begin_request();
-        let handler = handler.clone();
-        let info = info.clone();
-        async move {
-            // Boxed per request: hyper keeps room for one service future per connection
-            // for the connection's whole life, idle or not; the pipeline's is kilobytes.
-            let response = Box::pin(handler.handle(&info, request)).await;
-            drop(handling);
-            Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
-        }
-    });
-    let connection = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(connection);
-    let mut shutdown = ctx.shutdown.clone();
-    let mut watchdog = tokio::time::interval(watchdog_period(&ctx.limits));
-    let header_timeout = ctx.limits.header_read_timeout.get();
-    let idle_timeout = ctx.limits.idle_timeout.get();
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "connection ended with an error");
-                }
-                break;
-            }
-            _ = stopped(&mut shutdown), if !closing => {
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = watchdog.tick() => {
-                // A client that has not completed a first request head in time is cut
-                // off outright, whatever the protocol: it holds a slot and gives nothing.
-                if activity.requests_started() == 0 && activity.age() >= header_timeout {
-                    tracing::debug!("closing connection: no request head within the header timeout");
-                    break;
-                }
-                if activity.head_arriving_for().is_some_and(|t| t >= header_timeout) {
-                    tracing::debug!("closing connection: request head not complete within the header timeout");
-                    break;
-                }
-                if activity.sending_stalled(idle_timeout) {
-                    tracing::debug!("closing connection: the client stopped reading its response");
-                    break;
-                }
-                if !closing && activity.in_flight() == 0 && activity.idle_for() >= idle_timeout {
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-        }
-    }
-    drop(ctx.drain);
 }

@@ -1,7 +1,8 @@
 //! Per-connection activity: how many requests are in flight (a request stays in flight
 //! until its response body has been sent), since when none has been, and whether the
 //! next HTTP/1 request head has begun to arrive. Bytes alone (an HTTP/2 PING, an empty
-//! frame) never make a connection busy. Lock-free, because every read touches it.
+//! frame) never make a connection busy. It also tells when an idle HTTP/1 connection may
+//! give its HTTP state back (see `server::http`). Lock-free, because every read touches it.
 
 use std::io;
 use std::pin::Pin;
@@ -35,6 +36,14 @@ pub struct Activity {
     /// Requests whose handler is still deciding on the response.
     handling: AtomicUsize,
     started: AtomicU64,
+    /// The last write or flush could not complete: bytes wait in the HTTP buffers.
+    write_blocked: AtomicBool,
+    /// A request came that may leave the connection between requests in a state only
+    /// its HTTP session knows (a body, an ask to close, not HTTP/1.1): the session is
+    /// never released.
+    pinned: AtomicBool,
+    /// The session is being released: shutting the stream down must leave it open.
+    releasing: AtomicBool,
 }
 
 impl Activity {
@@ -50,6 +59,9 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             handling: AtomicUsize::new(0),
             started: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
+            pinned: AtomicBool::new(false),
+            releasing: AtomicBool::new(false),
         }
     }
 
@@ -95,6 +107,31 @@ impl Activity {
         sending && self.opened.elapsed().saturating_sub(last) >= limit
     }
 
+    /// Whether the HTTP/1 session may end here and the connection go on without it:
+    /// it answered requests, all of them without a body, over HTTP/1.1 and without an
+    /// ask to close; none is in flight and no next head is arriving; every byte it wrote
+    /// has left; and it has been idle for `after`.
+    pub fn may_release(&self, after: Duration) -> bool {
+        self.requests_started() > 0
+            && !self.pinned.load(Ordering::Relaxed)
+            && self.in_flight() == 0
+            && self.head_since_ms.load(Ordering::Acquire) == NO_HEAD
+            && !self.write_blocked.load(Ordering::Relaxed)
+            && self.idle_for() >= after
+    }
+
+    /// Marks the connection as one whose HTTP/1 session is never released (see
+    /// [`Activity::may_release`]).
+    pub fn pin_session(&self) {
+        self.pinned.store(true, Ordering::Relaxed);
+    }
+
+    /// While `releasing`, shutting the stream down leaves it open: the session ends, the
+    /// connection does not.
+    pub fn set_releasing(&self, releasing: bool) {
+        self.releasing.store(releasing, Ordering::Release);
+    }
+
     /// Requests whose head was received so far.
     pub fn requests_started(&self) -> u64 {
         self.started.load(Ordering::Acquire)
@@ -113,6 +150,14 @@ impl Activity {
 
     fn wrote(&self) {
         self.last_write_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn write_result(&self, result: &Poll<io::Result<usize>>) {
+        self.write_blocked
+            .store(result.is_pending(), Ordering::Relaxed);
+        if matches!(result, Poll::Ready(Ok(n)) if *n > 0) {
+            self.wrote();
+        }
     }
 
     /// Bytes were read: the first ones tell the protocol, and on an idle connection they
@@ -163,6 +208,11 @@ impl<IO> Tracked<IO> {
     pub fn new(inner: IO, activity: Arc<Activity>) -> Self {
         Tracked { inner, activity }
     }
+
+    /// The stream itself.
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.inner
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
@@ -187,9 +237,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.wrote();
-        }
+        self.activity.write_result(&result);
         result
     }
 
@@ -199,9 +247,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.wrote();
-        }
+        self.activity.write_result(&result);
         result
     }
 
@@ -210,10 +256,17 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let result = Pin::new(&mut self.inner).poll_flush(cx);
+        self.activity
+            .write_blocked
+            .store(result.is_pending(), Ordering::Relaxed);
+        result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.activity.releasing.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
