@@ -265,12 +265,16 @@ pub async fn run<H: Handler>(listener: Listener, ctx: ServerContext, handler: Ar
                 Err(_) => break,
             },
         };
-        let accepted_on = accepted_on.clone();
-        let ctx = ctx.clone();
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            connection(stream, socket_peer, permit, &accepted_on, ctx, handler).await;
-        });
+        // The connection's future is spawned as it is: a wrapping block would hold a
+        // second copy of every argument for the connection's whole life.
+        tokio::spawn(connection(
+            stream,
+            socket_peer,
+            permit,
+            accepted_on.clone(),
+            ctx.clone(),
+            handler.clone(),
+        ));
     }
 }
 
@@ -287,7 +291,7 @@ async fn connection<H: Handler>(
     mut stream: TcpStream,
     socket_peer: SocketAddr,
     permit: OwnedSemaphorePermit,
-    listener: &Accepted,
+    listener: Arc<Accepted>,
     ctx: ServerContext,
     handler: Arc<H>,
 ) {
@@ -298,7 +302,10 @@ async fn connection<H: Handler>(
     let deadline = ctx.limits.header_read_timeout.get();
     let mut peer = socket_peer;
     if listener.proxy_protocol {
-        match tokio::time::timeout(deadline, proxy_protocol::read_header(&mut stream)).await {
+        // Boxed, like the TLS handshake below: a task is as large as its largest state, and
+        // an idle connection should not carry the space of steps it has finished.
+        let header = Box::pin(proxy_protocol::read_header(&mut stream));
+        match tokio::time::timeout(deadline, header).await {
             Ok(Ok(source)) => {
                 let snapshot = ctx.shared.snapshot();
                 let trusted = is_trusted(&snapshot.config.trusted_proxies, socket_peer.ip());
@@ -344,14 +351,28 @@ async fn connection<H: Handler>(
     };
     // Boxed: the connection task stays small, and a plain connection does not carry
     // the space of a TLS one (tasks are as large as their largest state).
-    let Some(acceptor) = &listener.tls else {
-        return Box::pin(http::serve(stream, info, &listener.http, ctx, handler)).await;
-    };
+    let http = &listener.http;
+    match &listener.tls {
+        None => Box::pin(http::serve(stream, info, http, ctx, handler)).await,
+        Some(acceptor) => Box::pin(serve_tls(acceptor, stream, info, http, ctx, handler)).await,
+    }
+}
+
+/// The TLS handshake under the header timeout, then HTTP over it. One future for both:
+/// the connection task holds a pointer to it, not the TLS state of its handshake.
+async fn serve_tls<H: Handler>(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    info: ConnInfo,
+    http: &Http,
+    ctx: ServerContext,
+    handler: Arc<H>,
+) {
+    let deadline = ctx.limits.header_read_timeout.get();
+    let peer = info.peer;
     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => {
-            Box::pin(http::serve(tls_stream, info, &listener.http, ctx, handler)).await
-        }
-        Ok(Err(error)) => tracing::debug!(%socket_peer, %error, "TLS handshake failed"),
-        Err(_) => tracing::debug!(%socket_peer, "TLS handshake timed out"),
+        Ok(Ok(tls_stream)) => http::serve(tls_stream, info, http, ctx, handler).await,
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }

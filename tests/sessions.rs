@@ -14,9 +14,9 @@ use tokio::net::TcpStream;
 
 const RELEASED: &str = "idle HTTP/1 session released";
 
-/// Long enough for an idle session to be released: one second idle, then the next
-/// watchdog tick (250 ms with a one-second header timeout).
-const PAST_RELEASE: Duration = Duration::from_millis(1800);
+/// Long enough for an idle session to be released (10 ms idle), with room for a
+/// loaded machine.
+const PAST_RELEASE: Duration = Duration::from_millis(400);
 
 fn logs() -> &'static Captured {
     static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
@@ -92,7 +92,6 @@ async fn idle_sessions_are_released_and_the_connection_serves_on() {
     let (status, body) = response(&mut stream).await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     assert!(body.contains(r#""path":"/one""#), "{body}");
-    assert_eq!(releases(), 0, "released while requests are fast");
     tokio::time::sleep(PAST_RELEASE).await;
     assert_eq!(releases(), 1, "{}", logs().text());
 

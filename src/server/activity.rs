@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Stored in `head_since_ms` when no request head is arriving.
@@ -44,6 +45,10 @@ pub struct Activity {
     pinned: AtomicBool,
     /// The session is being released: shutting the stream down must leave it open.
     releasing: AtomicBool,
+    /// The end of the last request in flight is to be told through `went_idle`: an
+    /// HTTP/1.1 session that has no release timer armed.
+    idle_notice: AtomicBool,
+    went_idle: Notify,
 }
 
 impl Activity {
@@ -62,6 +67,8 @@ impl Activity {
             write_blocked: AtomicBool::new(false),
             pinned: AtomicBool::new(false),
             releasing: AtomicBool::new(false),
+            idle_notice: AtomicBool::new(false),
+            went_idle: Notify::new(),
         }
     }
 
@@ -124,6 +131,29 @@ impl Activity {
     /// [`Activity::may_release`]).
     pub fn pin_session(&self) {
         self.pinned.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the session is never released.
+    pub fn pinned(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed)
+    }
+
+    /// Whether the end of the last request in flight wakes [`Activity::went_idle`].
+    /// Off while a release timer is armed, so a busy connection pays for one notice per
+    /// timer, not one per request.
+    pub fn notice_idle(&self, on: bool) {
+        self.idle_notice.store(on, Ordering::Relaxed);
+    }
+
+    /// Resolves when the last request in flight has ended (see
+    /// [`Activity::notice_idle`]).
+    pub fn went_idle(&self) -> tokio::sync::futures::Notified<'_> {
+        self.went_idle.notified()
+    }
+
+    /// When the connection has been idle for `after`, if no request comes before.
+    pub fn idle_until(&self, after: Duration) -> Instant {
+        self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire)) + after
     }
 
     /// While `releasing`, shutting the stream down leaves it open: the session ends, the
@@ -193,6 +223,9 @@ impl Drop for RequestGuard {
             activity
                 .idle_since_ms
                 .store(activity.now_ms(), Ordering::Release);
+            if activity.idle_notice.load(Ordering::Relaxed) && !activity.pinned() {
+                activity.went_idle.notify_one();
+            }
         }
     }
 }

@@ -4,10 +4,10 @@
 //!
 //! An HTTP/1.1 connection is served in sessions. A session that has been idle for
 //! [`RELEASE_AFTER`] (nothing in flight, nothing arriving, everything written) ends
-//! without closing the connection: hyper's read and write buffers and its connection
-//! state are freed, and the connection waits for its next request holding only its
-//! socket. Its next bytes start a new session on the same connection. A client sees
-//! nothing of this. A session that carried a request with a body, an ask to close, or
+//! without closing the connection; a timer armed when the last request in flight ends
+//! tells when. hyper's read and write buffers and its connection state are freed, and
+//! the connection waits for its next request holding only its socket. Its next bytes
+//! start a new session on the same connection. A client sees nothing of this. A session that carried a request with a body, an ask to close, or
 //! an HTTP/1.0 request is never released: only hyper knows whether such a connection may
 //! go on, so it keeps it to the end.
 
@@ -35,9 +35,11 @@ use crate::config::Limits;
 use crate::conn::{stopped, ConnInfo};
 
 /// How long an HTTP/1.1 session stays idle before it is released (see the module
-/// documentation). Long enough that a busy keep-alive client never pays for a new
-/// session; short enough that idle connections cost little.
-pub const RELEASE_AFTER: Duration = Duration::from_secs(1);
+/// documentation). A client whose next request follows within it keeps its session; one
+/// that pauses longer pays for a new one (a few microseconds), and in return an idle
+/// connection costs little more than its socket, as with nginx, which frees its buffers
+/// as soon as a keep-alive connection goes idle.
+pub const RELEASE_AFTER: Duration = Duration::from_millis(10);
 
 /// What a client sends first to speak HTTP/2 without negotiating it.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -138,11 +140,9 @@ pub async fn serve<IO: Transport, H: Handler>(
         }
     });
     if http2 {
-        let connection = http
-            .h2
-            .serve_connection(TokioIo::new(Replay::new(io, prefix)), service);
-        tokio::pin!(connection);
-        watch(connection, &activity, &ctx, false).await;
+        let io = TokioIo::new(Replay::new(io, prefix));
+        let mut connection = Box::pin(http.h2.serve_connection(io, service));
+        Box::pin(watch(connection.as_mut(), &activity, &ctx, false)).await;
         return;
     }
     let (mut io, mut service) = (Replay::new(io, prefix), service);
@@ -152,7 +152,9 @@ pub async fn serve<IO: Transport, H: Handler>(
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades(),
         );
-        if watch(session.as_mut(), &activity, &ctx, true).await != Outcome::Released {
+        // The watch is boxed too: an idle connection holds neither it nor the session.
+        let watched = Box::pin(watch(session.as_mut(), &activity, &ctx, true)).await;
+        if watched != Outcome::Released {
             return;
         }
         // Only a session that was not upgraded can be released.
@@ -210,10 +212,13 @@ async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<(bool, Bytes)> 
     Ok((http2, Bytes::copy_from_slice(&buf[..filled])))
 }
 
-/// `first` then `second`, copied only when both have bytes.
+/// `first` then `second`, copied only when both have bytes. Empty, it holds no
+/// allocation: an empty `Bytes` from a session can still own that session's whole read
+/// buffer, which the idle connection must not keep.
 fn join(first: Bytes, second: Bytes) -> Bytes {
     match (first.is_empty(), second.is_empty()) {
-        (_, true) => first,
+        (true, true) => Bytes::new(),
+        (false, true) => first,
         (true, false) => second,
         (false, false) => {
             let mut both = BytesMut::with_capacity(first.len() + second.len());
@@ -310,6 +315,12 @@ async fn watch<C: Graceful>(
     let idle_timeout = ctx.limits.idle_timeout.get();
     let mut closing = false;
     let mut releasing = false;
+    // Armed when the session goes idle; when it fires, the session is released if it is
+    // still idle (and clean), else it waits for the next idle time.
+    let release = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(release);
+    let mut armed = false;
+    activity.notice_idle(releasable);
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -323,12 +334,32 @@ async fn watch<C: Graceful>(
                 };
             }
             _ = stopped(&mut shutdown), if !closing => {
-                if releasing {
-                    // The release is under way; the connection closes once it is done.
-                    return Outcome::Ended;
-                }
                 connection.as_mut().end_gracefully();
                 closing = true;
+            }
+            _ = activity.went_idle(), if releasable && !armed && !closing => {
+                release.as_mut().reset(activity.idle_until(RELEASE_AFTER));
+                armed = true;
+                activity.notice_idle(false);
+            }
+            _ = release.as_mut(), if armed && !closing => {
+                if activity.may_release(RELEASE_AFTER) {
+                    activity.set_releasing(true);
+                    connection.as_mut().end_gracefully();
+                    closing = true;
+                    releasing = true;
+                } else if activity.pinned() {
+                    armed = false;
+                } else if activity.in_flight() == 0 {
+                    // Idle, but a request came and went since, or the next head is
+                    // arriving, or bytes wait to be written: look again later.
+                    let now = tokio::time::Instant::now();
+                    let due = activity.idle_until(RELEASE_AFTER);
+                    release.as_mut().reset(if due > now { due } else { now + RELEASE_AFTER });
+                } else {
+                    armed = false;
+                    activity.notice_idle(true);
+                }
             }
             _ = watchdog.tick() => {
                 // A client that has not completed a first request head in time is cut
@@ -345,17 +376,9 @@ async fn watch<C: Graceful>(
                     tracing::debug!("closing connection: the client stopped reading its response");
                     return Outcome::Ended;
                 }
-                if closing {
-                    continue;
-                }
-                if activity.in_flight() == 0 && activity.idle_for() >= idle_timeout {
+                if !closing && activity.in_flight() == 0 && activity.idle_for() >= idle_timeout {
                     connection.as_mut().end_gracefully();
                     closing = true;
-                } else if releasable && activity.may_release(RELEASE_AFTER) {
-                    activity.set_releasing(true);
-                    connection.as_mut().end_gracefully();
-                    closing = true;
-                    releasing = true;
                 }
             }
         }
