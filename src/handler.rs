@@ -108,7 +108,12 @@ async fn forward(
     };
     rewrite_headers(ctx, &mut request, caller, upstream.name())?;
     if websocket {
-        return forward_websocket(ctx, request, uri, upstream, caller, timeout).await;
+        // Boxed: the upgrade's state (connect, handshake, relay setup) is large and rare;
+        // inline, every plain request's future would carry its space.
+        return Box::pin(forward_websocket(
+            ctx, request, uri, upstream, caller, timeout,
+        ))
+        .await;
     }
     upstream.send(request, uri, timeout).await
 }

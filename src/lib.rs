@@ -12,7 +12,8 @@
 //!   watchers → drain.
 //! - [`config`]: `gateway.yaml` and environment, parsed into validated types.
 //! - [`server`]: accept loop, connection limits, TLS with certificate reload, PROXY
-//!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts; knows nothing of what it serves.
+//!   protocol, HTTP/1.1 and HTTP/2 serving with timeouts (an idle HTTP/1.1 connection
+//!   holds only its socket); knows nothing of what it serves.
 //! - [`worker`]: the proxy workers — a single-threaded runtime per CPU, each with its own
 //!   listening sockets and upstream connections.
 //! - [`conn`]: what a request knows of its connection, and how long-lived work ends.

@@ -267,6 +267,17 @@ impl UpstreamClient {
             },
             Checkout::Empty => request,
         };
+        // Boxed: connecting (TCP, TLS, the HTTP/1 handshake) is the rare path, and its
+        // state would otherwise make every exchange's future kilobytes larger, to be
+        // moved on every request.
+        Box::pin(self.exchange_new(request)).await
+    }
+
+    /// One request on a new connection, kept for reuse when the response has been read.
+    async fn exchange_new(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Returning>, GatewayError> {
         let io = self.connect().await?;
         let mut sender = pool::handshake(io).await.map_err(|e| self.failed(&e))?;
         match pool::send(&mut sender, request).await {
