@@ -62,8 +62,11 @@ async fn pipeline(
     check_head_size(ctx.snapshot, &request)?;
     // Forward-auth puts the client limit after its replays: an ingress's second question
     // about a request must get the first answer, not one the first answer caused.
+    // The gateway's own endpoints are boxed: inline, their state (the admin API's store
+    // calls, forward-auth's replays) would make every proxied request's future larger,
+    // and futures are moved by copying.
     if forward_auth::is_endpoint(request.uri().path(), &ctx.snapshot.config.forward_auth) {
-        return forward_auth::answer(ctx, request, record).await;
+        return Box::pin(forward_auth::answer(ctx, request, record)).await;
     }
     limit_client(ctx).await?;
     if request.uri().path() == ASSERTION_JWKS_PATH {
@@ -71,7 +74,7 @@ async fn pipeline(
     }
     let path = NormalizedPath::parse(request.uri().path())?;
     if tokens_api::is_api(&path) {
-        return admin_api(ctx, request, &path, record).await;
+        return Box::pin(admin_api(ctx, request, &path, record)).await;
     }
     let original = Original {
         method: request.method(),
