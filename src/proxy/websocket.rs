@@ -300,11 +300,6 @@ impl Ending {
 }
 
 /// When the credential stops being valid, as a deadline on the runtime clock.
-/// A time no relay reaches: where a timer waits when there is nothing to wait for.
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
-}
-
 fn deadline(expires_at: Option<i64>) -> Option<Instant> {
     let expires_at = expires_at?;
     let left = expires_at - Timestamp::now().0;
@@ -355,40 +350,29 @@ async fn relay<C, U>(
     let mut shutdown = settings.lifecycle.shutdown.clone();
     let _drain = settings.lifecycle.drain.clone();
     let mut changes = settings.store.subscribe();
+    let mut expiry = deadline(credential.identity.expires_at);
     let mut last_frame = Instant::now();
     let mut counts = [0u64; 2];
     let mut close_code = None;
-    // Made once for the relay's life, not per message: the message counters, the
-    // shutdown watch, the expiry timer (reset when a store change moves it) and the idle
-    // check's ticks.
-    let counted = [
-        metrics
-            .websocket_messages
-            .with_label_values(&["client_to_upstream"]),
-        metrics
-            .websocket_messages
-            .with_label_values(&["upstream_to_client"]),
-    ];
-    let stop = crate::conn::stopped(&mut shutdown);
-    tokio::pin!(stop);
-    let mut expiry = deadline(credential.identity.expires_at);
-    let expires = tokio::time::sleep_until(expiry.unwrap_or_else(far_future));
-    tokio::pin!(expires);
     let idle_check = settings.idle_timeout.min(Duration::from_secs(1));
-    let mut idle_ticks = tokio::time::interval_at(Instant::now() + idle_check, idle_check);
-    idle_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ending = loop {
+        let expires = async {
+            match expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            message = client.next() => match forward(message, &mut upstream, &counted[0], &mut counts[0], &mut close_code).await {
+            message = client.next() => match forward(message, &mut upstream, &metrics, "client_to_upstream", &mut counts[0], &mut close_code).await {
                 Some(ending) => break ending.unwrap_or(Ending::Client),
                 None => last_frame = Instant::now(),
             },
-            message = upstream.next() => match forward(message, &mut client, &counted[1], &mut counts[1], &mut close_code).await {
+            message = upstream.next() => match forward(message, &mut client, &metrics, "upstream_to_client", &mut counts[1], &mut close_code).await {
                 Some(ending) => break ending.unwrap_or(Ending::Upstream),
                 None => last_frame = Instant::now(),
             },
-            _ = expires.as_mut(), if expiry.is_some() => break Ending::TokenExpired,
-            _ = &mut stop => break Ending::Shutdown,
+            _ = expires => break Ending::TokenExpired,
+            _ = crate::conn::stopped(&mut shutdown) => break Ending::Shutdown,
             changed = changes.recv(), if credential.service_token_hash.is_some() => {
                 let hash = credential.service_token_hash.as_deref().unwrap_or_default();
                 let verdict = match changed {
@@ -408,14 +392,11 @@ async fn relay<C, U>(
                 };
                 match verdict {
                     Err(ending) => break ending,
-                    Ok(Some(at)) => {
-                        expiry = deadline(Some(at));
-                        expires.as_mut().reset(expiry.unwrap_or_else(far_future));
-                    }
+                    Ok(Some(at)) => expiry = deadline(Some(at)),
                     Ok(None) => {}
                 }
             }
-            _ = idle_ticks.tick() => {
+            _ = tokio::time::sleep(idle_check) => {
                 if last_frame.elapsed() >= settings.idle_timeout {
                     break Ending::Idle;
                 }
@@ -464,7 +445,8 @@ async fn relay<C, U>(
 async fn forward<S>(
     message: Option<Result<Message, WsError>>,
     to: &mut WebSocketStream<S>,
-    counted: &prometheus::IntCounter,
+    metrics: &Metrics,
+    direction: &str,
     count: &mut u64,
     close_code: &mut Option<u16>,
 ) -> Option<Option<Ending>>
@@ -481,7 +463,10 @@ where
         Some(Ok(Message::Frame(_))) => None,
         Some(Ok(message)) => {
             *count += 1;
-            counted.inc();
+            metrics
+                .websocket_messages
+                .with_label_values(&[direction])
+                .inc();
             // Awaiting the send is the backpressure: nothing more is read from this side
             // until the other side has taken this message.
             match to.send(message).await {
