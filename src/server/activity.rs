@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -120,7 +121,7 @@ impl Activity {
     /// has left; and it has been idle for `after`.
     pub fn may_release(&self, after: Duration) -> bool {
         self.requests_started() > 0
-            && !self.pinned.load(Ordering::Relaxed)
+            && !self.pinned()
             && self.in_flight() == 0
             && self.head_since_ms.load(Ordering::Acquire) == NO_HEAD
             && !self.write_blocked.load(Ordering::Relaxed)
@@ -234,17 +235,52 @@ impl Drop for RequestGuard {
 pub struct Tracked<IO> {
     inner: IO,
     activity: Arc<Activity>,
+    /// Bytes read from `inner` already (and reported) that are to be read again first:
+    /// what was read to tell the protocol, what an ended HTTP/1 session had read ahead.
+    unread: Bytes,
 }
 
 impl<IO> Tracked<IO> {
     /// Wraps `inner`.
     pub fn new(inner: IO, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+        Tracked {
+            inner,
+            activity,
+            unread: Bytes::new(),
+        }
     }
 
     /// The stream itself.
     pub fn get_mut(&mut self) -> &mut IO {
         &mut self.inner
+    }
+
+    /// Puts `bytes`, read from this stream before what is still unread, back in front:
+    /// they are read again first, and not reported again.
+    pub fn unread(&mut self, bytes: Bytes) {
+        self.unread = join(bytes, std::mem::take(&mut self.unread));
+    }
+
+    /// Whether bytes put back wait to be read.
+    pub fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
+    }
+}
+
+/// `first` then `second`, copied only when both have bytes. Empty, it holds no
+/// allocation: an empty `Bytes` from a session can still own that session's whole read
+/// buffer, which an idle connection must not keep.
+fn join(first: Bytes, second: Bytes) -> Bytes {
+    match (first.is_empty(), second.is_empty()) {
+        (true, true) => Bytes::new(),
+        (false, true) => first,
+        (true, false) => second,
+        (false, false) => {
+            let mut both = BytesMut::with_capacity(first.len() + second.len());
+            both.extend_from_slice(&first);
+            both.extend_from_slice(&second);
+            both.freeze()
+        }
     }
 }
 
@@ -254,6 +290,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -341,5 +383,37 @@ impl<B: http_body::Body + Unpin> http_body::Body for Guarded<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[test]
+    fn joined_bytes_keep_their_order() {
+        let a = Bytes::from_static(b"GET / HT");
+        let b = Bytes::from_static(b"TP/1.1\r\n");
+        assert_eq!(&join(a.clone(), b.clone())[..], b"GET / HTTP/1.1\r\n");
+        assert_eq!(join(a.clone(), Bytes::new()), a);
+        assert_eq!(join(Bytes::new(), b.clone()), b);
+    }
+
+    #[tokio::test]
+    async fn bytes_put_back_are_read_first_and_not_reported_again() {
+        let activity = Arc::new(Activity::new());
+        let mut stream = Tracked::new(&b"GET /"[..], activity.clone());
+        stream.unread(Bytes::from_static(b"SM\r\n\r\n"));
+        stream.unread(Bytes::from_static(b"PRI * HTTP/2.0\r\n\r\n"));
+        assert!(stream.has_unread());
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET /");
+        assert!(!stream.has_unread());
+        // Only `GET /` was read from the stream itself: reported, the preface put back
+        // would have marked the connection HTTP/2, which has no HTTP/1 head arriving.
+        assert!(activity.head_arriving_for().is_some());
     }
 }

@@ -19,14 +19,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::CONNECTION;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::activity::{Activity, Guarded, Tracked};
@@ -139,13 +139,13 @@ pub async fn serve<IO: Transport, H: Handler>(
             Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
         }
     });
+    io.unread(prefix);
     if http2 {
-        let io = TokioIo::new(Replay::new(io, prefix));
-        let mut connection = Box::pin(http.h2.serve_connection(io, service));
+        let mut connection = Box::pin(http.h2.serve_connection(TokioIo::new(io), service));
         Box::pin(watch(connection.as_mut(), &activity, &ctx, false)).await;
         return;
     }
-    let (mut io, mut service) = (Replay::new(io, prefix), service);
+    let mut service = service;
     loop {
         let mut session = Box::pin(
             http.h1
@@ -164,14 +164,14 @@ pub async fn serve<IO: Transport, H: Handler>(
         activity.set_releasing(false);
         tracing::debug!("idle HTTP/1 session released; the connection waits with its socket only");
         service = parts.service;
-        let (mut stream, unread) = parts.io.into_inner().into_parts();
-        let pending = join(parts.read_buf, unread);
-        if pending.is_empty() && !wait_for_request(&mut stream, &activity, &ctx).await {
+        io = parts.io.into_inner();
+        // What the session read ahead comes before what it left unread.
+        io.unread(parts.read_buf);
+        if !io.has_unread() && !wait_for_request(&mut io, &activity, &ctx).await {
             // Idle past `idle_timeout`, or the gateway is stopping: a clean close.
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
             return;
         }
-        io = Replay::new(stream, pending);
     }
 }
 
@@ -210,23 +210,6 @@ async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<(bool, Bytes)> 
     }
     let http2 = filled == buf.len() && buf == *H2_PREFACE;
     Ok((http2, Bytes::copy_from_slice(&buf[..filled])))
-}
-
-/// `first` then `second`, copied only when both have bytes. Empty, it holds no
-/// allocation: an empty `Bytes` from a session can still own that session's whole read
-/// buffer, which the idle connection must not keep.
-fn join(first: Bytes, second: Bytes) -> Bytes {
-    match (first.is_empty(), second.is_empty()) {
-        (true, true) => Bytes::new(),
-        (false, true) => first,
-        (true, false) => second,
-        (false, false) => {
-            let mut both = BytesMut::with_capacity(first.len() + second.len());
-            both.extend_from_slice(&first);
-            both.extend_from_slice(&second);
-            both.freeze()
-        }
-    }
 }
 
 /// Waits, holding nothing but the stream, until the client sends again. `false` when
@@ -385,69 +368,6 @@ async fn watch<C: Graceful>(
     }
 }
 
-/// A stream that first yields bytes already read from it.
-pub struct Replay<IO> {
-    unread: Bytes,
-    inner: IO,
-}
-
-impl<IO> Replay<IO> {
-    fn new(inner: IO, unread: Bytes) -> Self {
-        Replay { unread, inner }
-    }
-
-    /// The stream, and what of the replayed bytes was not read.
-    fn into_parts(self) -> (IO, Bytes) {
-        (self.inner, self.unread)
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.unread.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let n = self.unread.len().min(buf.remaining());
-        buf.put_slice(&self.unread[..n]);
-        self.unread.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Replay<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,23 +393,15 @@ mod tests {
         let mut h1 = &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..];
         let (http2, read) = sniff(&mut h1).await.unwrap();
         assert!(!http2);
-        let mut replay = Replay::new(h1, read);
+        let mut replayed = Tracked::new(h1, Arc::new(Activity::new()));
+        replayed.unread(read);
         let mut all = Vec::new();
-        replay.read_to_end(&mut all).await.unwrap();
+        replayed.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         let mut short = &b"PRI * HT"[..];
         assert_eq!(
             sniff(&mut short).await.unwrap(),
             (false, Bytes::from_static(b"PRI * HT"))
         );
-    }
-
-    #[test]
-    fn joined_bytes_keep_their_order() {
-        let a = Bytes::from_static(b"GET / HT");
-        let b = Bytes::from_static(b"TP/1.1\r\n");
-        assert_eq!(&join(a.clone(), b.clone())[..], b"GET / HTTP/1.1\r\n");
-        assert_eq!(join(a.clone(), Bytes::new()), a);
-        assert_eq!(join(Bytes::new(), b.clone()), b);
     }
 }
