@@ -26,20 +26,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# CPU ticks (utime+stime) of a process and its children (nginx's workers).
-cpu_ticks() {
+# proc_sum PID FILE AWK: the sum, over a process and its children (nginx's workers), of
+# what the awk program prints from /proc/PID/FILE.
+proc_sum() {
   local total=0 pid
   for pid in "$1" $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    total=$((total + $(awk "$3" "/proc/$pid/$2")))
   done
   echo "$total"
 }
+# CPU ticks (utime+stime) of a process and its children.
+cpu_ticks() { proc_sum "$1" stat '{print $14 + $15}'; }
 # RSS in KiB of a process and its children.
-rss_kib() {
-  local total=0 pid
-  for pid in "$1" $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")))
-  done
-  echo "$total"
-}
+rss_kib() { proc_sum "$1" status '/^VmRSS/ {print $2}'; }
 tick=$(getconf CLK_TCK)
