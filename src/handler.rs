@@ -102,12 +102,11 @@ async fn forward(
     let upstream = &route.target;
     record.upstream = Some(upstream.label());
     let timeout = route.config.timeout.map_or(upstream.timeout(), |t| t.get());
-    let upstream_path = route.upstream_path(path);
     let query = query::without_credentials(request.uri().query());
     let uri = if websocket {
-        upstream.ws_uri(&upstream_path, query.as_deref())?
+        upstream.ws_uri(&route.upstream_path(path), query.as_deref())?
     } else {
-        upstream.uri(&upstream_path, query.as_deref())?
+        upstream.uri(|out| route.push_upstream_path(path, out), query.as_deref())?
     };
     rewrite_headers(ctx, &mut request, caller, upstream.name())?;
     if websocket {
@@ -231,8 +230,7 @@ fn rewrite_headers(
     // Room for what is added below (forwarding, request id, identity headers) at once,
     // instead of the map growing several times on the way.
     headers.reserve(ADDED_HEADERS);
-    headers::strip_hop_by_hop(headers);
-    headers::strip_identity(headers, &snapshot.identity_headers);
+    headers::strip_inbound(headers, &snapshot.identity_headers, peer_trusted);
     if let Some(host) = &host {
         headers.insert(HOST, host.clone());
     }

@@ -209,13 +209,16 @@ impl UpstreamClient {
         self.settings.timeout.get()
     }
 
-    /// The request target sent upstream (origin form) for a normalised path and the
-    /// original query.
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
-        let length = self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1);
-        let mut target = String::with_capacity(length);
+    /// The request target sent upstream (origin form): the upstream's base path, the path
+    /// `path` appends (normalised, re-encoded) and the original query, built in one buffer.
+    pub fn uri(
+        &self,
+        path: impl FnOnce(&mut String),
+        query: Option<&str>,
+    ) -> Result<Uri, GatewayError> {
+        let mut target = String::with_capacity(self.base_path.len() + 64);
         target.push_str(&self.base_path);
-        target.push_str(path);
+        path(&mut target);
         if let Some(query) = query {
             target.push('?');
             target.push_str(query);

@@ -69,17 +69,18 @@ impl Pattern {
     }
 
     /// Matches decoded segments, returning the parameters on success.
-    fn matches(&self, path: &[String]) -> Option<Vec<(String, String)>> {
+    fn matches(&self, path: &NormalizedPath) -> Option<Vec<(String, String)>> {
         let n = self.segments.len();
-        if path.len() < n || (!self.rest && path.len() != n) {
+        let length = path.len();
+        if length < n || (!self.rest && length != n) {
             return None;
         }
         let mut params = Vec::new();
-        for (segment, value) in self.segments.iter().zip(path) {
+        for (segment, value) in self.segments.iter().zip(path.segments()) {
             match segment {
                 Segment::Literal(literal) if literal == value => {}
                 Segment::Literal(_) => return None,
-                Segment::Param(name) => params.push((name.clone(), value.clone())),
+                Segment::Param(name) => params.push((name.clone(), value.to_string())),
             }
         }
         Some(params)
@@ -119,9 +120,15 @@ pub struct CompiledRoute<T> {
 impl<T> CompiledRoute<T> {
     /// The path to send upstream: the normalised path without `strip_prefix`.
     pub fn upstream_path(&self, path: &NormalizedPath) -> String {
-        let strips = path.segments.len() >= self.strip.len()
-            && path.segments.iter().zip(&self.strip).all(|(a, b)| a == b);
-        path.encode(if strips { self.strip.len() } else { 0 })
+        let mut out = String::with_capacity(64);
+        self.push_upstream_path(path, &mut out);
+        out
+    }
+
+    /// Appends [`Self::upstream_path`] to `out`.
+    pub fn push_upstream_path(&self, path: &NormalizedPath, out: &mut String) {
+        let strips = path.starts_with(&self.strip);
+        path.encode_into(if strips { self.strip.len() } else { 0 }, out);
     }
 }
 
@@ -168,11 +175,11 @@ impl<T> RouteTable<T> {
                     .map(|m| m.parse::<Method>().map_err(|_| format!("bad method `{m}`")))
                     .collect::<Result<_, _>>()?;
                 let strip = match &route.strip_prefix {
-                    Some(prefix) => {
-                        NormalizedPath::parse(prefix)
-                            .map_err(|e| e.message().to_string())?
-                            .segments
-                    }
+                    Some(prefix) => NormalizedPath::parse(prefix)
+                        .map_err(|e| e.message().to_string())?
+                        .segments()
+                        .map(str::to_string)
+                        .collect(),
                     None => Vec::new(),
                 };
                 Ok(CompiledRoute {
@@ -194,7 +201,7 @@ impl<T> RouteTable<T> {
             if !route.methods.is_empty() && !route.methods.contains(method) {
                 return None;
             }
-            let params = route.pattern.matches(&path.segments)?;
+            let params = route.pattern.matches(path)?;
             Some(RouteMatch { route, params })
         })
     }

@@ -30,7 +30,7 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// Whether `path` is under the API.
 pub fn is_api(path: &NormalizedPath) -> bool {
-    path.segments.len() >= PREFIX.len() && path.segments.iter().zip(PREFIX).all(|(a, b)| a == b)
+    path.starts_with(&PREFIX)
 }
 
 /// The scope a request needs.
@@ -52,10 +52,7 @@ pub async fn handle(
     client_ip: &str,
     body_timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
-    let rest: Vec<&str> = path.segments[PREFIX.len()..]
-        .iter()
-        .map(String::as_str)
-        .collect();
+    let rest: Vec<&str> = path.segments().skip(PREFIX.len()).collect();
     let actor = Actor {
         token_id: Some(caller.token_id.clone()),
         ip: Some(client_ip.to_string()),

@@ -20,38 +20,48 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 
 /// Headers that tell an upstream what the request "really" was (its client, URL, method,
 /// prefix): believed only from trusted proxies, removed from everyone else's requests so a
-/// client cannot rewrite what the upstream thinks it asked for.
-const FORWARDED_BY_PROXIES: [HeaderName; 12] = [
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-original-uri"),
-    HeaderName::from_static("x-original-method"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-uri"),
-    HeaderName::from_static("x-forwarded-method"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
+/// client cannot rewrite what the upstream thinks it asked for. (`X-Forwarded-For/-Proto/
+/// -Host` are not here: the gateway sets those itself.)
+fn is_forwarded_by_proxies(name: &str) -> bool {
+    matches!(
+        name,
+        "forwarded"
+            | "x-real-ip"
+            | "x-original-url"
+            | "x-rewrite-url"
+            | "x-original-uri"
+            | "x-original-method"
+            | "x-forwarded-prefix"
+            | "x-forwarded-port"
+            | "x-forwarded-uri"
+            | "x-forwarded-method"
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+    )
+}
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still meet).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still meet), and
+/// `Upgrade`: an upgrade is relayed only by the WebSocket path. Names compared as text (a
+/// `HeaderName` is always lower case): one length switch, no hashing.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
 /// Headers the gateway sets itself; an identity header may not take one of these names.
 pub fn is_reserved(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
-        || *name == header::UPGRADE
+    is_hop_by_hop(name.as_str())
         || *name == header::HOST
         || *name == header::AUTHORIZATION
         || *name == header::CONTENT_LENGTH
@@ -66,20 +76,65 @@ pub fn is_reserved(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 /// `Upgrade` goes too: an upgrade is relayed only by the WebSocket path.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
+    strip(headers, |_| false);
+}
+
+/// What a request loses before it is forwarded (contract §5), in one pass over the names
+/// it carries: hop-by-hop headers (and those its `Connection` names), the inbound
+/// identity headers, and, from a peer that is not a trusted proxy, the headers only
+/// proxies may set.
+pub fn strip_inbound(headers: &mut HeaderMap, identity: &IdentityHeaderNames, peer_trusted: bool) {
+    strip(headers, |name| {
+        identity.names(name) || (!peer_trusted && is_forwarded_by_proxies(name.as_str()))
+    });
+}
+
+/// Removes the hop-by-hop headers and every header `also` matches. One pass over the names
+/// present (a request has a handful) instead of one hash lookup per name that might be;
+/// most messages carry none of those names but `Connection` with its usual tokens, and
+/// then nothing is allocated.
+fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let mut connection = false;
+    let mut others = false;
+    for name in headers.keys() {
+        if *name == header::CONNECTION {
+            connection = true;
+        } else if is_hop_by_hop(name.as_str()) || also(name) {
+            others = true;
+        }
+    }
+    if connection {
+        let tokens = || {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(','))
+                .map(str::trim)
+        };
         // `close`, `keep-alive`, `upgrade`: the usual tokens name nothing else to remove
         // (and are not turned into header names, which would cost an allocation each).
-        .filter(|token| !is_usual_connection_token(token))
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    remove_where(headers, |name| {
-        HOP_BY_HOP.contains(name) || *name == header::UPGRADE || named.contains(name)
-    });
+        if tokens().any(|token| !is_usual_connection_token(token)) {
+            let named: Vec<HeaderName> = tokens()
+                .filter(|token| !is_usual_connection_token(token))
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    if others {
+        let found: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| is_hop_by_hop(name.as_str()) || also(name))
+            .cloned()
+            .collect();
+        for name in found {
+            headers.remove(name);
+        }
+    }
 }
 
 /// Connection tokens that are options, or headers removed anyway.
@@ -87,30 +142,6 @@ fn is_usual_connection_token(token: &str) -> bool {
     ["close", "keep-alive", "upgrade", "te", ""]
         .iter()
         .any(|usual| token.eq_ignore_ascii_case(usual))
-}
-
-/// Removes every header whose name `matches`. One pass over the names present (a request
-/// has a handful) instead of one hash lookup per name that might be: most requests carry
-/// none of the names the gateway strips.
-fn remove_where(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
-    let found: Vec<HeaderName> = headers.keys().filter(|n| matches(n)).cloned().collect();
-    for name in found {
-        headers.remove(name);
-    }
-}
-
-/// Removes the inbound identity headers: they must never reach the upstream. A name
-/// that equals one once `_` is read as `-` (`X_Orcheo_Subject`) goes too: WSGI and CGI
-/// upstreams merge the two spellings into one variable.
-pub fn strip_identity(headers: &mut HeaderMap, names: &IdentityHeaderNames) {
-    let all = names.all();
-    remove_where(headers, |name| {
-        all.contains(&name)
-            || (name.as_str().contains('_') && {
-                let dashed = name.as_str().replace('_', "-");
-                all.iter().any(|n| n.as_str() == dashed)
-            })
-    });
 }
 
 /// The names of the identity headers (contract §5), one field per header.
@@ -149,6 +180,18 @@ impl IdentityHeaderNames {
             auth_method: name(&headers.auth_method)?,
             assertion: name(&identity.assertion.header)?,
         })
+    }
+
+    /// Whether an inbound header is one of these (stripped from every request). A name
+    /// that equals one once `_` is read as `-` (`X_Orcheo_Subject`) is too: WSGI and CGI
+    /// upstreams merge the two spellings into one variable.
+    pub fn names(&self, name: &HeaderName) -> bool {
+        let all = self.all();
+        all.contains(&name)
+            || (name.as_str().contains('_') && {
+                let dashed = name.as_str().replace('_', "-");
+                all.iter().any(|n| n.as_str() == dashed)
+            })
     }
 
     /// Every name: what is stripped from inbound requests.
@@ -206,7 +249,8 @@ pub struct Forwarding<'a> {
 }
 
 /// Sets `X-Forwarded-For/-Proto/-Host` and `X-Request-Id`. From an untrusted peer, the
-/// client's own forwarding headers are replaced, never extended.
+/// client's own forwarding headers are replaced, never extended (and the other headers
+/// only proxies may set are gone already: [`strip_inbound`]).
 pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
     let previous = match fwd.peer_trusted {
         true => joined(headers, &X_FORWARDED_FOR),
@@ -233,11 +277,6 @@ pub fn set_forwarding(headers: &mut HeaderMap, fwd: &Forwarding<'_>) {
             Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
             None => headers.remove(X_FORWARDED_HOST),
         };
-    }
-    if !fwd.peer_trusted {
-        remove_where(headers, |name| {
-            *name == header::FORWARDED || FORWARDED_BY_PROXIES.contains(name)
-        });
     }
     headers.insert(X_REQUEST_ID, fwd.request_id.clone());
 }
@@ -280,4 +319,72 @@ pub fn head_size(method: &str, target: &str, headers: &HeaderMap) -> usize {
         .sum::<usize>()
         + line
         + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "close"),
+            ("x-secret", "a"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["content-type"]);
+        // The usual case: only `Connection` with a usual token.
+        let mut headers = map(&[("connection", "keep-alive"), ("server", "up")]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["server"]);
+    }
+
+    #[test]
+    fn inbound_identity_and_proxy_only_headers_are_removed_from_untrusted_peers() {
+        let identity =
+            IdentityHeaderNames::from_config(&config::IdentitySettings::default()).unwrap();
+        let sent = [
+            ("x-orcheo-subject", "root"),
+            ("x_orcheo_scopes", "admin"),
+            ("x-real-ip", "10.0.0.1"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-http-method-override", "DELETE"),
+            ("connection", "te"),
+            ("accept", "*/*"),
+        ];
+        let mut untrusted = map(&sent);
+        strip_inbound(&mut untrusted, &identity, false);
+        assert_eq!(names(&untrusted), ["accept"]);
+        let mut trusted = map(&sent);
+        strip_inbound(&mut trusted, &identity, true);
+        assert_eq!(
+            names(&trusted),
+            ["accept", "forwarded", "x-http-method-override", "x-real-ip"],
+            "a trusted proxy's forwarding headers stay; identity headers never do"
+        );
+    }
 }

@@ -34,11 +34,13 @@ impl PathError {
 }
 
 /// A decoded, normalised path: its segments (never empty, `.` or `..`) and whether it
-/// ended with `/`.
+/// ended with `/`. The segments are kept as one text, each after a `/` (a decoded segment
+/// never holds a `/`: an encoded one is refused), so a path costs one allocation however
+/// many segments it has.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NormalizedPath {
-    /// Decoded segments.
-    pub segments: Vec<String>,
+    /// `/segment` for each decoded segment; empty for the root.
+    text: String,
     /// The path ended with `/` (kept when forwarding).
     pub trailing_slash: bool,
 }
@@ -46,42 +48,92 @@ pub struct NormalizedPath {
 impl NormalizedPath {
     /// Decodes and normalises a raw request path (without the query).
     pub fn parse(raw: &str) -> Result<Self, PathError> {
-        if !raw.starts_with('/') {
+        let Some(rest) = raw.strip_prefix('/') else {
             return Err(PathError::NotAbsolute);
-        }
-        let mut segments: Vec<String> = Vec::new();
+        };
+        let mut text: Vec<u8> = Vec::with_capacity(raw.len());
         let mut trailing_slash = false;
-        for piece in raw[1..].split('/') {
-            let segment = decode(piece)?;
-            if segment.contains(';') {
+        for piece in rest.split('/') {
+            let start = text.len();
+            text.push(b'/');
+            decode(piece, &mut text)?;
+            let segment = &text[start + 1..];
+            if segment.contains(&b';') {
                 return Err(PathError::Semicolon);
             }
-            trailing_slash = matches!(segment.as_str(), "" | "." | "..");
-            match segment.as_str() {
-                "" | "." => {}
-                ".." => {
-                    segments.pop();
+            trailing_slash = matches!(segment, b"" | b"." | b"..");
+            match segment {
+                b"" | b"." => text.truncate(start),
+                b".." => {
+                    text.truncate(start);
+                    // The segment before goes too (none above the root).
+                    let before = text.iter().rposition(|&b| b == b'/').unwrap_or(0);
+                    text.truncate(before);
                 }
-                _ => segments.push(segment),
+                _ => {}
             }
         }
+        let text = String::from_utf8(text).map_err(|_| PathError::BadBytes)?;
         Ok(NormalizedPath {
-            segments,
+            text,
             trailing_slash: trailing_slash && raw.len() > 1,
         })
     }
 
+    /// The decoded segments, in order.
+    pub fn segments(&self) -> impl Iterator<Item = &str> + Clone {
+        self.text.split('/').skip(1)
+    }
+
+    /// How many segments the path has.
+    pub fn len(&self) -> usize {
+        self.text.bytes().filter(|&b| b == b'/').count()
+    }
+
+    /// Whether the path is the root.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// Whether the path begins with the segments `prefix`.
+    pub fn starts_with<S: AsRef<str>>(&self, prefix: &[S]) -> bool {
+        let mut segments = self.segments();
+        prefix
+            .iter()
+            .all(|wanted| segments.next() == Some(wanted.as_ref()))
+    }
+
     /// The path re-encoded for the upstream, starting with `/`.
     pub fn encode(&self, skip: usize) -> String {
-        let mut out = String::with_capacity(64);
-        for segment in self.segments.iter().skip(skip) {
-            out.push('/');
-            encode_segment(segment, &mut out);
-        }
-        if out.is_empty() || self.trailing_slash {
-            out.push('/');
-        }
+        let mut out = String::with_capacity(self.text.len() + 1);
+        self.encode_into(skip, &mut out);
         out
+    }
+
+    /// Appends the path re-encoded for the upstream, without its first `skip` segments,
+    /// to `out`; it starts with `/`.
+    pub fn encode_into(&self, skip: usize, out: &mut String) {
+        let from = match skip {
+            0 => 0,
+            _ => self
+                .text
+                .match_indices('/')
+                .nth(skip)
+                .map_or(self.text.len(), |(at, _)| at),
+        };
+        let rest = &self.text[from..];
+        let before = out.len();
+        if rest.bytes().all(|b| b == b'/' || is_pchar(b)) {
+            out.push_str(rest);
+        } else {
+            for segment in rest.split('/').skip(1) {
+                out.push('/');
+                encode_segment(segment, out);
+            }
+        }
+        if out.len() == before || self.trailing_slash {
+            out.push('/');
+        }
     }
 }
 
@@ -94,16 +146,17 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-fn decode(piece: &str) -> Result<String, PathError> {
+/// Appends `piece` percent-decoded to `out`.
+fn decode(piece: &str, out: &mut Vec<u8>) -> Result<(), PathError> {
     if !piece.contains(['%', '\\']) {
-        return if piece.contains('\0') {
-            Err(PathError::BadBytes)
-        } else {
-            Ok(piece.to_string())
-        };
+        if piece.contains('\0') {
+            return Err(PathError::BadBytes);
+        }
+        out.extend_from_slice(piece.as_bytes());
+        return Ok(());
     }
     let bytes = piece.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let start = out.len();
     let mut i = 0;
     while i < bytes.len() {
         let byte = match bytes[i] {
@@ -127,7 +180,12 @@ fn decode(piece: &str) -> Result<String, PathError> {
             _ => out.push(byte),
         }
     }
-    String::from_utf8(out).map_err(|_| PathError::BadBytes)
+    // Checked per segment: a segment that is not UTF-8 is refused even when a later `..`
+    // would remove it.
+    match std::str::from_utf8(&out[start..]) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(PathError::BadBytes),
+    }
 }
 
 /// Characters a path segment may carry unescaped (RFC 3986 `pchar` less `%`).

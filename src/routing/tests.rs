@@ -120,7 +120,10 @@ fn traversal_never_escapes_a_route() {
     assert_eq!(find(&t, Method::GET, "//admin//x").unwrap().0, "admin");
     // A double-encoded dot segment is a literal name, not `..`.
     let path = NormalizedPath::parse("/public/%252e%252e/admin").unwrap();
-    assert_eq!(path.segments, vec!["public", "%2e%2e", "admin"]);
+    assert_eq!(
+        path.segments().collect::<Vec<_>>(),
+        ["public", "%2e%2e", "admin"]
+    );
     assert_eq!(path.encode(0), "/public/%252e%252e/admin");
 }
 
@@ -204,4 +207,43 @@ fn bad_patterns_are_explained() {
     }
     assert!(Pattern::parse("/api/").is_ok());
     assert!(Pattern::parse("/**").is_ok());
+}
+
+#[test]
+fn a_segment_that_is_not_utf8_is_refused_even_when_a_later_dot_dot_removes_it() {
+    assert_eq!(
+        NormalizedPath::parse("/a/%ff/../b"),
+        Err(PathError::BadBytes)
+    );
+    assert_eq!(
+        NormalizedPath::parse("/a/%C3%A9/../b").unwrap().encode(0),
+        "/a/b"
+    );
+}
+
+#[test]
+fn segments_length_and_prefixes() {
+    let path = NormalizedPath::parse("/a//b/./c/").unwrap();
+    assert_eq!(path.segments().collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(path.len(), 3);
+    assert!(path.starts_with(&["a", "b"]));
+    assert!(!path.starts_with(&["a", "c"]));
+    assert!(!path.starts_with(&["a", "b", "c", "d"]));
+    let root = NormalizedPath::parse("/").unwrap();
+    assert_eq!(root.len(), 0);
+    assert!(root.is_empty() && root.segments().next().is_none());
+    assert!(root.starts_with::<&str>(&[]));
+}
+
+#[test]
+fn the_upstream_path_is_appended_after_what_the_target_already_holds() {
+    let path = NormalizedPath::parse("/svc/a%20b/").unwrap();
+    let mut out = String::from("/base");
+    path.encode_into(1, &mut out);
+    assert_eq!(out, "/base/a%20b/");
+    let mut out = String::from("/base");
+    NormalizedPath::parse("/svc")
+        .unwrap()
+        .encode_into(1, &mut out);
+    assert_eq!(out, "/base/", "nothing left is the root");
 }
