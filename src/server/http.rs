@@ -15,11 +15,13 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper::header::CONNECTION;
 use hyper::server::conn::{http1, http2};
@@ -286,6 +288,10 @@ fn watchdog_period(limits: &Limits) -> Duration {
 
 /// Drives `connection` to its end under the cut-offs; with `releasable`, an HTTP/1
 /// session idle for [`RELEASE_AFTER`] is released.
+///
+/// The connection's task wakes for every request; its other futures (shutdown, the
+/// idle notice, the release timer, the watchdog) are polled only after one of them
+/// asked to be ([`Quiet`]), not on every wake.
 async fn watch<C: Graceful>(
     mut connection: Pin<&mut C>,
     activity: &Activity,
@@ -293,6 +299,8 @@ async fn watch<C: Graceful>(
     releasable: bool,
 ) -> Outcome {
     let mut shutdown = ctx.shutdown.clone();
+    let stop = stopped(&mut shutdown);
+    tokio::pin!(stop);
     let mut watchdog = tokio::time::interval(watchdog_period(&ctx.limits));
     let header_timeout = ctx.limits.header_read_timeout.get();
     let idle_timeout = ctx.limits.idle_timeout.get();
@@ -303,10 +311,40 @@ async fn watch<C: Graceful>(
     let release = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(release);
     let mut armed = false;
+    let went_idle = activity.went_idle();
+    tokio::pin!(went_idle);
     activity.notice_idle(releasable);
+    let quiet = Quiet::new();
     loop {
-        tokio::select! {
-            result = connection.as_mut() => {
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(result));
+            }
+            let Some(mut cx) = quiet.woken(cx) else {
+                return Poll::Pending;
+            };
+            let event = if !closing && stop.as_mut().poll(&mut cx).is_ready() {
+                Event::Stop
+            } else if releasable
+                && !armed
+                && !closing
+                && went_idle.as_mut().poll(&mut cx).is_ready()
+            {
+                Event::WentIdle
+            } else if armed && !closing && release.as_mut().poll(&mut cx).is_ready() {
+                Event::Release
+            } else if watchdog.poll_tick(&mut cx).is_ready() {
+                Event::Watchdog
+            } else {
+                return Poll::Pending;
+            };
+            // Another of them may be ready too: look at them all again next time.
+            quiet.wake_again();
+            Poll::Ready(event)
+        })
+        .await;
+        match event {
+            Event::Ended(result) => {
                 return match result {
                     Ok(()) if releasing => Outcome::Released,
                     Ok(()) => Outcome::Ended,
@@ -316,16 +354,17 @@ async fn watch<C: Graceful>(
                     }
                 };
             }
-            _ = stopped(&mut shutdown), if !closing => {
+            Event::Stop => {
                 connection.as_mut().end_gracefully();
                 closing = true;
             }
-            _ = activity.went_idle(), if releasable && !armed && !closing => {
+            Event::WentIdle => {
+                went_idle.set(activity.went_idle());
                 release.as_mut().reset(activity.idle_until(RELEASE_AFTER));
                 armed = true;
                 activity.notice_idle(false);
             }
-            _ = release.as_mut(), if armed && !closing => {
+            Event::Release => {
                 if activity.may_release(RELEASE_AFTER) {
                     activity.set_releasing(true);
                     connection.as_mut().end_gracefully();
@@ -338,21 +377,30 @@ async fn watch<C: Graceful>(
                     // arriving, or bytes wait to be written: look again later.
                     let now = tokio::time::Instant::now();
                     let due = activity.idle_until(RELEASE_AFTER);
-                    release.as_mut().reset(if due > now { due } else { now + RELEASE_AFTER });
+                    release
+                        .as_mut()
+                        .reset(if due > now { due } else { now + RELEASE_AFTER });
                 } else {
                     armed = false;
                     activity.notice_idle(true);
                 }
             }
-            _ = watchdog.tick() => {
+            Event::Watchdog => {
                 // A client that has not completed a first request head in time is cut
                 // off outright, whatever the protocol: it holds a slot and gives nothing.
                 if activity.requests_started() == 0 && activity.age() >= header_timeout {
-                    tracing::debug!("closing connection: no request head within the header timeout");
+                    tracing::debug!(
+                        "closing connection: no request head within the header timeout"
+                    );
                     return Outcome::Ended;
                 }
-                if activity.head_arriving_for().is_some_and(|t| t >= header_timeout) {
-                    tracing::debug!("closing connection: request head not complete within the header timeout");
+                if activity
+                    .head_arriving_for()
+                    .is_some_and(|t| t >= header_timeout)
+                {
+                    tracing::debug!(
+                        "closing connection: request head not complete within the header timeout"
+                    );
                     return Outcome::Ended;
                 }
                 if activity.sending_stalled(idle_timeout) {
@@ -365,6 +413,69 @@ async fn watch<C: Graceful>(
                 }
             }
         }
+    }
+}
+
+/// What the watch of a connection woke up for.
+enum Event {
+    Ended(hyper::Result<()>),
+    Stop,
+    WentIdle,
+    Release,
+    Watchdog,
+}
+
+/// Lets a task poll some of its futures only after one of them woke it. They are polled
+/// with a waker of their own, which marks them woken and wakes the task; a wake of the
+/// task by anything else (its socket, say) skips them. Polling a pending timer or
+/// notification is not free (a lock, a timer check), and a connection's task wakes
+/// several times per request for none of them.
+struct Quiet {
+    flag: Arc<QuietFlag>,
+    waker: Waker,
+}
+
+struct QuietFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for QuietFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Quiet {
+    /// Woken at first, so the futures are polled (and register) once.
+    fn new() -> Self {
+        let flag = Arc::new(QuietFlag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(flag.clone());
+        Quiet { flag, waker }
+    }
+
+    /// The context to poll the futures with, if one of them woke the task since they were
+    /// last polled; `None`: leave them be. The task's waker is kept for their next wake.
+    fn woken(&self, cx: &Context<'_>) -> Option<Context<'_>> {
+        // Registered first: a wake between the two lines is then not lost.
+        self.flag.task.register(cx.waker());
+        self.flag
+            .woken
+            .swap(false, Ordering::AcqRel)
+            .then(|| Context::from_waker(&self.waker))
+    }
+
+    /// Has the futures polled again at the next poll (one was ready; others may be).
+    fn wake_again(&self) {
+        self.flag.woken.store(true, Ordering::Release);
     }
 }
 
@@ -382,6 +493,47 @@ mod tests {
         assert!(asks_to_close(&headers));
         headers.insert(CONNECTION, "closed".parse().unwrap());
         assert!(!asks_to_close(&headers));
+    }
+
+    #[derive(Default)]
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn quiet_futures_are_polled_only_after_one_of_them_woke_the_task() {
+        let task = Arc::new(CountingWaker::default());
+        let task_waker = Waker::from(task.clone());
+        let cx = Context::from_waker(&task_waker);
+        let quiet = Quiet::new();
+        // Polled once at first, so that they register.
+        let theirs = quiet.woken(&cx).expect("polled at first").waker().clone();
+        assert!(
+            quiet.woken(&cx).is_none(),
+            "a wake by anything else skips them"
+        );
+        theirs.wake_by_ref();
+        assert_eq!(
+            task.0.load(Ordering::SeqCst),
+            1,
+            "their wake wakes the task"
+        );
+        assert!(quiet.woken(&cx).is_some(), "then they are polled");
+        assert!(quiet.woken(&cx).is_none());
+        quiet.wake_again();
+        assert!(
+            quiet.woken(&cx).is_some(),
+            "one was ready: all polled again"
+        );
+        // A wake before the task polls again is not lost, and wakes the task once more.
+        theirs.wake_by_ref();
+        theirs.wake_by_ref();
+        assert!(quiet.woken(&cx).is_some());
+        assert!(task.0.load(Ordering::SeqCst) >= 2);
     }
 
     #[tokio::test]
