@@ -2,8 +2,10 @@
 # Load benchmark, measured beside the peers in the same run: one nginx upstream answering
 # a small body, reached (1) directly, (2) through nginx `proxy_pass` (keepalive pool,
 # 2 workers, access_log off), (3) through HAProxy with `jwt_verify` (HS256, RS256;
-# 2 threads), and (4) through this gateway (public route, HS256 JWT, RS256 JWT, service
-# token), and (5) nginx and the gateway terminating TLS 1.3 (ECDSA P-256 certificate),
+# 2 threads), (4) through the floor of this stack (`benches/hyper_floor.rs`: the least a
+# hyper proxy built like the gateway does, with nothing of the gateway's own), and (5)
+# through this gateway (public route, HS256 JWT, RS256 JWT, service token), and (6)
+# nginx and the gateway terminating TLS 1.3 (ECDSA P-256 certificate),
 # kept-alive and with a new connection per request. Every target runs once per round,
 # rounds interleaved, so the machine's drift hits all alike; each line shows requests/s,
 # p50/p99, the ratio to nginx in that round (plain rows to nginx `proxy_pass`, TLS rows to
@@ -25,7 +27,7 @@ HOLD=${HOLD:-20}
 BASE=${BASE_PORT:-18700}
 UPSTREAM=$BASE; NGINX=$((BASE + 1)); HAPROXY=$((BASE + 2)); GATEWAY=$((BASE + 3))
 ADMIN=$((BASE + 4)); NGINX_TLS=$((BASE + 5)); GATEWAY_TLS=$((BASE + 6)); WS_ECHO=$((BASE + 7))
-GATEWAY_RL=$((BASE + 8)); ADMIN_RL=$((BASE + 9))
+GATEWAY_RL=$((BASE + 8)); ADMIN_RL=$((BASE + 9)); FLOOR=$((BASE + 10))
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 WS_CONNECTIONS=${WS_CONNECTIONS:-32}
 
@@ -38,6 +40,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cargo build --release --quiet
 WS_BENCH=$(cargo bench --bench websocket --no-run 2>&1 | sed -n 's/.*(\(target\/release\/deps\/websocket-[0-9a-f]*\)).*/\1/p' | head -1)
 test -x "$WS_BENCH"
+FLOOR_BENCH=$(cargo bench --bench hyper_floor --no-run 2>&1 | sed -n 's/.*(\(target\/release\/deps\/hyper_floor-[0-9a-f]*\)).*/\1/p' | head -1)
+test -x "$FLOOR_BENCH"
 eval "$(cargo bench --quiet --bench jwt -- mint HS256 | sed -n 's/^TOKEN=/HS_TOKEN=/p; s/^SECRET=/SECRET=/p')"
 eval "$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^TOKEN=/RS_TOKEN=/p')"
 JWKS=$(cargo bench --quiet --bench jwt -- mint RS256 | sed -n 's/^JWKS=//p')
@@ -141,6 +145,11 @@ start_haproxy() {
 }
 start_haproxy
 
+# The floor: a minimal hyper proxy, one worker per CPU like the gateway.
+"$FLOOR_BENCH" "127.0.0.1:$FLOOR" "127.0.0.1:$UPSTREAM" >/dev/null 2>&1 &
+floor_pid=$!
+pids+=("$floor_pid")
+
 cat > "$work/gateway.yaml" <<CONF
 listen: {http: ["127.0.0.1:$GATEWAY"], https: ["127.0.0.1:$GATEWAY_TLS"]}
 tls: {cert_file: "$work/tls.crt", key_file: "$work/tls.key"}
@@ -185,6 +194,7 @@ wait_ready() {
     if curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 \
        && curl -sf "http://127.0.0.1:$NGINX/" >/dev/null 2>&1 \
        && curl -sf "http://127.0.0.1:$HAPROXY/" >/dev/null 2>&1 \
+       && curl -sf "http://127.0.0.1:$FLOOR/" >/dev/null 2>&1 \
        && { [ -z "$rl_gateway_pid" ] || curl -sf "http://127.0.0.1:$ADMIN_RL/readyz" >/dev/null 2>&1; }; then break; fi
     sleep 0.2
   done
@@ -219,7 +229,8 @@ run() {
     END { printf "%.0f %.3f %.3f %d\n", rps, p50, p99, n }' "$work/wrk.out"
 }
 
-for target in "http://127.0.0.1:$NGINX" "http://127.0.0.1:$HAPROXY/hs" "http://127.0.0.1:$GATEWAY/public" \
+for target in "http://127.0.0.1:$NGINX" "http://127.0.0.1:$HAPROXY/hs" "http://127.0.0.1:$FLOOR" \
+              "http://127.0.0.1:$GATEWAY/public" \
               "https://127.0.0.1:$NGINX_TLS" "https://127.0.0.1:$GATEWAY_TLS/public" \
               ${rl_gateway_pid:+"http://127.0.0.1:$GATEWAY_RL/auth"}; do
   wrk -t1 -c8 -d1s -H "Authorization: Bearer $HS_TOKEN" "$target/warm" >/dev/null
@@ -234,6 +245,7 @@ cases=(
   "nginx proxy_pass, no auth|http://127.0.0.1:$NGINX/bench|||$nginx_pid|=plain"
   "HAProxy jwt_verify HS256|http://127.0.0.1:$HAPROXY/hs/bench|$HS_TOKEN||$haproxy_pid|plain"
   "HAProxy jwt_verify RS256|http://127.0.0.1:$HAPROXY/rs/bench|$RS_TOKEN||$haproxy_pid|plain"
+  "hyper floor: minimal hyper proxy, no auth|http://127.0.0.1:$FLOOR/bench|||$floor_pid|plain"
   "gateway, public route|http://127.0.0.1:$GATEWAY/public/bench|||$gateway_pid|plain"
   "gateway, HS256 JWT|http://127.0.0.1:$GATEWAY/auth/bench|$HS_TOKEN||$gateway_pid|plain,=hs"
   "gateway, RS256 JWT|http://127.0.0.1:$GATEWAY/auth/bench|$RS_TOKEN||$gateway_pid|plain"
