@@ -553,3 +553,65 @@ async fn a_response_left_unread_does_not_leave_its_connection_in_the_pool() {
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"short"[..]));
     }
 }
+
+#[tokio::test]
+async fn an_answer_before_the_request_body_is_all_sent_still_gets_through() {
+    // The upstream answers as soon as it has the head, and reads the body only after:
+    // the gateway must finish sending the body after the response, on a connection
+    // nothing else polls at that point, and keep the connection usable.
+    let up = upstream(|request: Request<Incoming>| async move {
+        if request.uri().path() == "/early" {
+            tokio::spawn(async move {
+                let _ = http_body_util::BodyExt::collect(request.into_body()).await;
+            });
+            return Response::new(body::full("early"));
+        }
+        Response::new(body::full("after"))
+    })
+    .await;
+    let gw = gateway(&pooled_yaml(up.addr, 1, "")).await;
+    for _ in 0..3 {
+        let upload = Bytes::from(vec![b'u'; 2 * 1024 * 1024]);
+        let response = send(
+            gw.http,
+            Request::post("/early")
+                .header("host", "gw.example")
+                .body(Full::new(upload))
+                .unwrap(),
+        )
+        .await;
+        let (status, _, body) = collect(response).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"early"[..]));
+        let (status, _, body) = get(gw.http, "/next").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"after"[..]));
+    }
+}
+
+#[tokio::test]
+async fn many_small_exchanges_on_one_client_connection_reuse_one_upstream_connection() {
+    let up = CountingUpstream::start(Answer::KeptAlive {
+        delay: Duration::ZERO,
+    })
+    .await;
+    let gw = gateway(&pooled_yaml(up.addr, 1, "")).await;
+    let stream = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for i in 0..200 {
+        sender.ready().await.unwrap();
+        let response = sender
+            .send_request(
+                request(gw.http, &format!("/many/{i}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let (status, _, body) = collect(response).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]), "{i}");
+    }
+    assert_eq!(up.accepted(), 1, "one upstream connection for them all");
+}
