@@ -188,6 +188,37 @@ async fn lifecycle_restart_and_orcheo_rows_on_postgres() {
 }
 
 #[tokio::test]
+async fn replicas_starting_together_on_a_new_database_all_come_up() {
+    let Some((admin, dsn)) = database("together").await else {
+        return;
+    };
+    let up = echo_upstream().await;
+    // Their schema set-ups run at once; each must find the tables the others made.
+    let replicas = futures_util::future::join_all((0..8).map(|_| gateway_on(&dsn, &up))).await;
+    for (i, replica) in replicas.iter().enumerate() {
+        let ready = eventually(Duration::from_secs(5), || async {
+            get(replica.addresses.admin.unwrap(), "/readyz").await.0 == StatusCode::OK
+        })
+        .await;
+        assert!(ready, "replica {i} never became ready");
+    }
+    let secret = create(&replicas[0], "together").await;
+    for replica in &replicas {
+        let (status, _, _) = call(
+            replica.addresses.http[0],
+            "/x",
+            &[("authorization", &secret)],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+    drop_database(&admin, &dsn).await;
+}
+
+#[tokio::test]
 async fn a_revocation_on_one_replica_reaches_another_within_a_second() {
     let Some((admin, dsn)) = database("replicas").await else {
         return;

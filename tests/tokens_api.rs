@@ -673,3 +673,34 @@ async fn an_admin_body_must_arrive_within_the_header_timeout() {
     assert!(answer.contains("did not arrive in time"), "{answer}");
     assert!(started.elapsed() < std::time::Duration::from_secs(4));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_opening_one_new_sqlite_file_together_all_start() {
+    // A rolling restart or replicas on one volume: the schema set-up of each sees the
+    // others' (two adding the same column failed the second before).
+    let mut path = std::path::PathBuf::new();
+    for round in 0..40 {
+        let dir = temp_dir(&format!("tokens-together-{round}"));
+        path = dir.join("tokens.sqlite");
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let runtime = tokio::runtime::Handle::current();
+        let openers: Vec<_> = (0..8)
+            .map(|_| {
+                let (path, barrier, runtime) = (path.clone(), barrier.clone(), runtime.clone());
+                std::thread::spawn(move || {
+                    let _entered = runtime.enter();
+                    barrier.wait();
+                    SqliteStore::open(&path).map(|_| ())
+                })
+            })
+            .collect();
+        for opener in openers {
+            opener
+                .join()
+                .unwrap()
+                .expect("every gateway opens the shared file");
+        }
+    }
+    // And the file they made works.
+    lifecycle(SqliteStore::open(&path).unwrap()).await;
+}

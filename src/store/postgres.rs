@@ -33,7 +33,13 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections kept at most.
 const POOL_SIZE: usize = 8;
 
+/// The tables, in one transaction under a transaction-level advisory lock (key: the bytes
+/// of `orcheo-g` read as a big-endian number): replicas starting together create them one
+/// after the other. Without the lock two concurrent `CREATE TABLE IF NOT EXISTS` can both
+/// go ahead, and the second fails on PostgreSQL's catalog.
 const SCHEMA: &str = "
+BEGIN;
+SELECT pg_advisory_xact_lock(8030590385584549223);
 CREATE TABLE IF NOT EXISTS service_tokens (
     identifier TEXT PRIMARY KEY,
     secret_hash TEXT NOT NULL,
@@ -72,6 +78,7 @@ CREATE INDEX IF NOT EXISTS idx_audit_timestamp ON service_token_audit_log(timest
 ALTER TABLE service_tokens ADD COLUMN IF NOT EXISTS name TEXT;
 ALTER TABLE service_tokens ADD COLUMN IF NOT EXISTS secret_preview TEXT;
 ALTER TABLE service_tokens ADD COLUMN IF NOT EXISTS workspace_id TEXT;
+COMMIT;
 ";
 
 const COLUMNS: &str =

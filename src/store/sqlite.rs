@@ -82,14 +82,13 @@ impl SqliteStore {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
-        let connection =
+        let mut connection =
             Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         connection
-            .busy_timeout(Duration::from_secs(5))
-            .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
-            .and_then(|_| connection.execute_batch(SCHEMA))
+            .busy_timeout(BUSY_TIMEOUT)
+            .and_then(|_| use_wal(&connection))
+            .and_then(|_| create_schema(&mut connection))
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        add_missing_columns(&connection).map_err(|e| format!("{}: {e}", path.display()))?;
         let any_active = Arc::new(AtomicBool::new(count_active(&connection).unwrap_or(0) > 0));
         let store = Arc::new(SqliteStore {
             path: path.to_path_buf(),
@@ -138,6 +137,41 @@ impl SqliteStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Switches the file to write-ahead logging. Two processes switching one new file at the
+/// same moment get "locked" at once (SQLite's busy handler does not cover this step), so
+/// it is tried again, for up to [`BUSY_TIMEOUT`].
+fn use_wal(connection: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match connection.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if matches!(
+                    error.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Creates the tables and adds the columns later versions added, in one transaction that
+/// takes the write lock first: gateways sharing the file and starting together (a rolling
+/// restart, replicas on one volume) set it up one after the other, each seeing what the
+/// one before did, instead of two adding the same column.
+fn create_schema(connection: &mut Connection) -> rusqlite::Result<()> {
+    let transaction =
+        connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    transaction.execute_batch(SCHEMA)?;
+    add_missing_columns(&transaction)?;
+    transaction.commit()
 }
 
 fn add_missing_columns(connection: &Connection) -> rusqlite::Result<()> {
