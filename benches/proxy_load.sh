@@ -190,13 +190,25 @@ if (exec 3<>"/dev/tcp/${redis_host%:*}/${redis_host#*:}") 2>/dev/null; then
 fi
 
 wait_ready() {
-  for _ in $(seq 50); do
+  for _ in $(seq 150); do
     if curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 \
        && curl -sf "http://127.0.0.1:$NGINX/" >/dev/null 2>&1 \
        && curl -sf "http://127.0.0.1:$HAPROXY/" >/dev/null 2>&1 \
        && curl -sf "http://127.0.0.1:$FLOOR/" >/dev/null 2>&1 \
        && { [ -z "$rl_gateway_pid" ] || curl -sf "http://127.0.0.1:$ADMIN_RL/readyz" >/dev/null 2>&1; }; then break; fi
     sleep 0.2
+  done
+  for check in "gateway|http://127.0.0.1:$ADMIN/readyz|$work/gateway.log" \
+               "nginx|http://127.0.0.1:$NGINX/|$work/px/error.log" \
+               "HAProxy|http://127.0.0.1:$HAPROXY/|$work/haproxy.log" \
+               "hyper floor|http://127.0.0.1:$FLOOR/|/dev/null" \
+               ${rl_gateway_pid:+"Redis-limited gateway|http://127.0.0.1:$ADMIN_RL/readyz|$work/gateway-rl.log"}; do
+    IFS='|' read -r label url log <<<"$check"
+    if ! curl -sf "$url" >/dev/null 2>&1; then
+      echo "$label is not ready after 30 s ($url); its log:" >&2
+      tail -20 "$log" >&2
+      exit 1
+    fi
   done
 }
 wait_ready
