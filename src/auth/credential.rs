@@ -64,26 +64,41 @@ pub fn from_websocket(headers: &HeaderMap, query: Option<&str>) -> Credential {
     Credential::None
 }
 
-/// The `Authorization` header's credential, if the header is present at all.
+/// The `Authorization` header's credential, if the header is present at all: exactly one
+/// header, the scheme `Bearer` (any case), whitespace, one token of visible ASCII.
 fn authorization(headers: &HeaderMap) -> Option<Credential> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let first = values.next()?;
     if values.next().is_some() {
         return Some(Credential::BadScheme);
     }
-    let Ok(text) = first.to_str() else {
-        return Some(Credential::BadScheme);
-    };
-    let mut parts = text.split_ascii_whitespace();
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(scheme), Some(token), None) if scheme.eq_ignore_ascii_case("bearer") => {
-            Some(Credential::Bearer {
-                token: token.to_string(),
-                source: Source::Header,
-            })
-        }
-        _ => Some(Credential::BadScheme),
+    Some(
+        bearer_token(first.as_bytes()).map_or(Credential::BadScheme, |token| Credential::Bearer {
+            token: token.to_string(),
+            source: Source::Header,
+        }),
+    )
+}
+
+/// The token of a `Bearer <token>` header value. Read as bytes, in two passes that compile
+/// to vector loops: a token is hundreds of bytes, and this runs on every request.
+fn bearer_token(value: &[u8]) -> Option<&str> {
+    let value = value.trim_ascii();
+    let gap = value.iter().position(|&b| b == b' ' || b == b'\t')?;
+    let (scheme, rest) = value.split_at(gap);
+    let token = rest.trim_ascii_start();
+    if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() || !all_visible(token) {
+        return None;
     }
+    std::str::from_utf8(token).ok()
+}
+
+/// Whether every byte is visible ASCII (no space, control or non-ASCII byte). A fold
+/// without an early exit, so the loop is vectorised.
+fn all_visible(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .fold(true, |visible, &b| visible & (b.wrapping_sub(0x21) < 0x5e))
 }
 
 /// The token of a `bearer.<token>` entry in `Sec-WebSocket-Protocol`.
@@ -135,6 +150,19 @@ mod tests {
                 "{bad}"
             );
         }
+        for (value, token) in [
+            ("Bearer\tabc", Some("abc")),
+            ("\t bearer abc.def-_~+/=", Some("abc.def-_~+/=")),
+            ("Bearer abc\t", Some("abc")),
+            ("Bearer a\tb", None),
+            ("Bearerabc", None),
+            ("Bearer\u{7f}abc", None),
+        ] {
+            assert_eq!(bearer_token(value.as_bytes()), token, "{value:?}");
+        }
+        // Bytes a header may carry but a token may not (obs-text).
+        assert_eq!(bearer_token(b"Bearer ab\xc3\xa9"), None);
+        assert_eq!(bearer_token(b"Bearer \x80"), None);
         let two = headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]);
         assert_eq!(from_http(&two), Credential::BadScheme);
     }
