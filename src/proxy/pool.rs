@@ -147,7 +147,11 @@ pub async fn handshake<T>(io: T) -> hyper::Result<SendRequest<Incoming>>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    // One buffer per write, as towards clients (see `server::http::Http::new`).
+    let (sender, connection) = http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(io))
+        .await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "upstream connection ended with an error");

@@ -63,7 +63,12 @@ impl Http {
         // runs it while a kept-alive connection waits for its next request, which would
         // cut idle connections long before `idle_timeout`. The watchdog bounds request
         // heads instead, from their first byte.
+        // Heads and bodies are copied into one buffer and written with one call, rather
+        // than queued as a list of buffers for a vectored write: for the small responses
+        // most requests get this is less work (callgrind: -1.4 % per proxied request,
+        // with the same on the upstream side); a large body is written in chunks anyway.
         h1.timer(TokioTimer::new())
+            .writev(false)
             .header_read_timeout(None)
             .max_buf_size((max_head * 2 + 4096).max(8192))
             .keep_alive(true);
