@@ -594,12 +594,7 @@ async fn many_small_exchanges_on_one_client_connection_reuse_one_upstream_connec
     })
     .await;
     let gw = gateway(&pooled_yaml(up.addr, 1, "")).await;
-    let stream = tokio::net::TcpStream::connect(gw.http).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connection(gw.http).await;
     for i in 0..200 {
         sender.ready().await.unwrap();
         let response = sender

@@ -118,12 +118,7 @@ async fn successful_requests_never_count_toward_the_ip_limit() {
     )
     .await;
     let valid = jwt("busy");
-    let stream = tokio::net::TcpStream::connect(gw.http).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connection(gw.http).await;
     for i in 0..1000 {
         let request = Request::get("/x")
             .header("host", "gw")

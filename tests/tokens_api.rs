@@ -474,14 +474,7 @@ async fn usage_is_counted_in_memory_and_written_at_shutdown() {
     )
     .await;
     let secret = format!("Bearer {}", created["secret"].as_str().unwrap());
-    let stream = tokio::net::TcpStream::connect(gw.addresses.http[0])
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connection(gw.addresses.http[0]).await;
     for _ in 0..1000 {
         let request = Request::get("/x")
             .header("host", "gw")

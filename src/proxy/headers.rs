@@ -324,17 +324,7 @@ pub fn head_size(method: &str, target: &str, headers: &HeaderMap) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        headers
-    }
+    use crate::test_support::headers as map;
 
     fn names(headers: &HeaderMap) -> Vec<&str> {
         let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();

@@ -257,18 +257,28 @@ pub async fn echo_gateway(extra: &str) -> (TestGateway, Upstream) {
     (gw, up)
 }
 
+/// Opens an HTTP/1.1 client connection to `addr`, kept alive for as many requests as the
+/// caller sends on it.
+pub async fn connection<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 /// Sends one request over a fresh HTTP/1.1 connection.
 pub async fn send<B>(addr: SocketAddr, request: Request<B>) -> Response<Incoming>
 where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender.send_request(request).await.unwrap()
+    connection(addr).await.send_request(request).await.unwrap()
 }
 
 /// GET `path`; returns status, headers and the whole body.
