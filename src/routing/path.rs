@@ -41,6 +41,8 @@ impl PathError {
 pub struct NormalizedPath {
     /// `/segment` for each decoded segment; empty for the root.
     text: String,
+    /// How many segments `text` holds: counted once, read for every route tried.
+    count: usize,
     /// The path ended with `/` (kept when forwarding).
     pub trailing_slash: bool,
 }
@@ -75,6 +77,7 @@ impl NormalizedPath {
         }
         let text = String::from_utf8(text).map_err(|_| PathError::BadBytes)?;
         Ok(NormalizedPath {
+            count: text.bytes().filter(|&b| b == b'/').count(),
             text,
             trailing_slash: trailing_slash && raw.len() > 1,
         })
@@ -87,7 +90,7 @@ impl NormalizedPath {
 
     /// How many segments the path has.
     pub fn len(&self) -> usize {
-        self.text.bytes().filter(|&b| b == b'/').count()
+        self.count
     }
 
     /// Whether the path is the root.
