@@ -103,11 +103,7 @@ async fn forward(
     record.upstream = Some(upstream.label());
     let timeout = route.config.timeout.map_or(upstream.timeout(), |t| t.get());
     let query = query::without_credentials(request.uri().query());
-    let uri = if websocket {
-        upstream.ws_uri(&route.upstream_path(path), query.as_deref())?
-    } else {
-        upstream.uri(|out| route.push_upstream_path(path, out), query.as_deref())?
-    };
+    let uri = upstream.uri(|out| route.push_upstream_path(path, out), query.as_deref())?;
     rewrite_headers(ctx, &mut request, caller, upstream.name())?;
     if websocket {
         // Boxed: the upgrade's state (connect, handshake, relay setup) is large and rare;
@@ -147,7 +143,8 @@ async fn forward_websocket(
     };
     let watched =
         websocket::WatchedCredential::new(caller.identity.clone(), caller.token.as_deref());
-    websocket::proxy(request, uri, stream, timeout, watched, settings).await
+    let host = upstream.host_header().clone();
+    websocket::proxy(request, uri, host, stream, timeout, watched, settings).await
 }
 
 /// The token admin API: always authenticated (in every mode), scoped by method.

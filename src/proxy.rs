@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -36,7 +36,6 @@ pub struct UpstreamClient {
     /// Host and port to connect to, and the name the TLS certificate must carry.
     host: String,
     port: u16,
-    authority: Authority,
     /// `Host` for requests that arrive without one (HTTP/1.0).
     host_header: HeaderValue,
     base_path: String,
@@ -150,7 +149,6 @@ impl UpstreamClient {
             tls,
             host,
             port,
-            authority,
             host_header,
             base_path,
             pool: Pool::new(workers, settings.max_idle_per_host),
@@ -158,16 +156,9 @@ impl UpstreamClient {
         })
     }
 
-    /// The `ws://` or `wss://` URL of a WebSocket path on this upstream.
-    pub fn ws_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
-        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
-        let target = match query {
-            Some(q) => format!("{scheme}://{}{}{path}?{q}", self.authority, self.base_path),
-            None => format!("{scheme}://{}{}{path}", self.authority, self.base_path),
-        };
-        target
-            .parse()
-            .map_err(|_| GatewayError::InvalidRequest("Request target is not valid".into()))
+    /// The `Host` an upstream request carries when the client's request had none.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host_header
     }
 
     /// Opens a connection (TCP, then TLS for `https://` upstreams) within the connect

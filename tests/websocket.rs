@@ -620,3 +620,145 @@ async fn an_upgraded_websocket_keeps_its_connection_slot_and_the_relay_cap_holds
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+async fn fragments_and_pings_pass_as_sent() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let (upstream, _) = ws_upstream().await;
+    let gw = ws_gateway(upstream, "", Default::default()).await;
+    let (mut client, _) = connect(
+        &gw,
+        &format!("/ws/workflow/a?token={}", token_with(600)),
+        &[],
+    )
+    .await
+    .unwrap();
+    hello(&mut client).await;
+    // A message in three fragments reaches the upstream as one message.
+    for (data, opcode, last) in [
+        (&b"frag"[..], Data::Text, false),
+        (b"men", Data::Continue, false),
+        (b"ted", Data::Continue, true),
+    ] {
+        let frame = Frame::message(data.to_vec(), OpCode::Data(opcode), last);
+        client.send(Message::Frame(frame)).await.unwrap();
+    }
+    assert_eq!(
+        client.next().await.unwrap().unwrap(),
+        Message::text("fragmented")
+    );
+    // A ping reaches the upstream, and its one pong comes back.
+    client
+        .send(Message::Ping(b"p1".to_vec().into()))
+        .await
+        .unwrap();
+    client.send(Message::text("after")).await.unwrap();
+    let mut pongs = 0;
+    loop {
+        match client.next().await.unwrap().unwrap() {
+            Message::Pong(payload) => {
+                assert_eq!(&payload[..], b"p1");
+                pongs += 1;
+            }
+            Message::Text(text) if text.as_str() == "after" => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(pongs, 1);
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"orcheo_gateway_websocket_messages_total{direction="client_to_upstream"}"#
+        ),
+        Some(2.0),
+        "messages are counted whole, control frames not at all"
+    );
+}
+
+#[tokio::test]
+async fn a_client_breaking_the_protocol_is_closed_with_1002() {
+    let (upstream, seen) = ws_upstream().await;
+    let gw = ws_gateway(upstream, "", Default::default()).await;
+    let (mut client, _) = connect(
+        &gw,
+        &format!("/ws/workflow/a?token={}", token_with(600)),
+        &[],
+    )
+    .await
+    .unwrap();
+    hello(&mut client).await;
+    // An unmasked frame, which a client must never send.
+    let MaybeTlsStream::Plain(raw) = client.get_mut() else {
+        panic!("plain connection expected");
+    };
+    tokio::io::AsyncWriteExt::write_all(raw, &[0x81, 0x02, b'h', b'i'])
+        .await
+        .unwrap();
+    let frame = close_frame(&mut client, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (frame.code, frame.reason.as_str()),
+        (CloseCode::Protocol, "protocol error")
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            seen.0
+                .lock()
+                .unwrap()
+                .contains(&(1001, "client connection ended".to_string()))
+        })
+        .await
+    );
+}
+
+/// An upstream that answers every request with `answer` as it stands.
+async fn raw_upstream(answer: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tokio::io::AsyncReadExt::read(&mut stream, &mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_refusal_is_passed_on_and_a_bad_101_is_a_502() {
+    let refusing = raw_upstream(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 7\r\n\r\nno way!",
+    )
+    .await;
+    let gw = ws_gateway(refusing, "", Default::default()).await;
+    let path = format!("/ws/workflow/a?token={}", token_with(600));
+    let Err(WsError::Http(response)) = connect(&gw, &path, &[]).await else {
+        panic!("expected the upstream's refusal");
+    };
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(response.headers()["content-type"], "text/plain");
+    assert_eq!(response.body().as_deref(), Some(&b"no way!"[..]));
+    // A 101 whose accept key does not answer the gateway's key is no WebSocket.
+    let wrong = raw_upstream(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: d3Jvbmc=\r\n\r\n",
+    )
+    .await;
+    let gw = ws_gateway(wrong, "", Default::default()).await;
+    let Err(WsError::Http(response)) = connect(&gw, &path, &[]).await else {
+        panic!("expected a refusal");
+    };
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+}

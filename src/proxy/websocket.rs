@@ -3,25 +3,33 @@
 //! service token's expiry or revocation — with close 1008 to the client.
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use bytes::Bytes;
 use http::header::{
     HeaderValue, CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
     SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+mod frames;
+mod pump;
+
+use frames::Stop;
+use pump::{Direction, Event};
 
 use crate::auth::identity::{AuthMethod, Identity};
 use crate::body::{self, Body};
@@ -115,28 +123,17 @@ pub struct RelaySettings {
     pub websocket_slot: Arc<OwnedSemaphorePermit>,
 }
 
-/// Buffer sizes of each relayed socket. The library's default of 128 KiB per read
-/// buffer would cost an idle connection a quarter of a megabyte (two sockets); buffers
-/// start small and grow only for the messages that need it.
-const READ_BUFFER: usize = 4 * 1024;
-
-fn ws_config(max_message: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        // Every relayed message is flushed as it is sent; nothing waits to batch.
-        .write_buffer_size(0)
-        // At most one whole message waits to be written: the bound on what a slow reader
-        // can make the gateway hold.
-        .max_write_buffer_size(max_message.saturating_add(READ_BUFFER))
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message))
-}
+/// The most of an upstream's refusal body passed on to the client.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// Opens the upstream WebSocket, then answers the client 101 and starts the relay. The
 /// upstream's own refusal (any non-101) is passed back to the client as it came.
+/// `target` is the upstream's request target (origin form), `host` its `Host` when the
+/// request has none.
 pub async fn proxy<S>(
     mut request: Request<Incoming>,
-    upstream_uri: Uri,
+    target: Uri,
+    host: HeaderValue,
     stream: S,
     timeout: Duration,
     credential: WatchedCredential,
@@ -152,23 +149,23 @@ where
         .ok_or_else(|| GatewayError::InvalidRequest("Missing Sec-WebSocket-Key".into()))?;
     let offer = subprotocols(&request);
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let handshake = upstream_request(&request, upstream_uri, &offer)?;
-    let config = ws_config(settings.max_message);
-    let connect = tokio_tungstenite::client_async_with_config(handshake, stream, Some(config));
-    let (upstream, answer) = match tokio::time::timeout(timeout, connect).await {
+    let key = generate_key();
+    let handshake = upstream_request(&request, target, host, &offer, &key)?;
+    let opened = tokio::time::timeout(timeout, open_upstream(handshake, stream, &key, &offer));
+    let (upstream, answer) = match opened.await {
         Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
-        Ok(Err(WsError::Http(refusal))) => return Ok(relay_refusal(*refusal)),
-        Ok(Err(error)) => {
+        Ok(Opened::Refused(refusal)) => return Ok(refusal),
+        Ok(Opened::Upgraded(upstream, answer)) => (upstream, answer),
+        Ok(Opened::Failed(error)) => {
             return Err(GatewayError::UpstreamUnavailable(format!(
                 "WebSocket handshake: {error}"
             )))
         }
-        Ok(Ok(pair)) => pair,
     };
     let selected = if offer.orcheo_auth {
         Some(HeaderValue::from_static(ORCHEO_AUTH))
     } else {
-        answer.headers().get(SEC_WEBSOCKET_PROTOCOL).cloned()
+        answer
     };
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -186,28 +183,130 @@ where
     }
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let client = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                relay(client, upstream, credential, settings).await;
-            }
+            Ok(client) => relay(client, upstream, credential, settings).await,
             Err(error) => tracing::debug!(%error, "the client never completed the upgrade"),
         }
     });
     Ok(response)
 }
 
+/// How the upstream answered the WebSocket handshake.
+enum Opened {
+    /// 101: the upgraded connection and the subprotocol it chose.
+    Upgraded(Upgraded, Option<HeaderValue>),
+    /// Anything else, as the response for the client.
+    Refused(Response<Body>),
+    /// No valid answer.
+    Failed(String),
+}
+
+/// Sends the handshake on `stream` and reads the answer. The HTTP/1 connection is driven
+/// here, not in a task of its own, so a timeout drops all of it.
+async fn open_upstream<S>(
+    handshake: Request<Empty<Bytes>>,
+    stream: S,
+    key: &str,
+    offer: &Offer,
+) -> Opened
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+    {
+        Ok(pair) => pair,
+        Err(error) => return Opened::Failed(error.to_string()),
+    };
+    let mut connection = connection.with_upgrades();
+    // The connection future ends as soon as the upstream's 101 is read, possibly in the
+    // same poll that hands over the response: whether it ended is remembered, so it is
+    // not polled again.
+    let mut ended = false;
+    let send = sender.send_request(handshake);
+    tokio::pin!(send);
+    let sent = tokio::select! {
+        biased;
+        response = &mut send => response,
+        end = &mut connection => {
+            if let Err(error) = end {
+                return Opened::Failed(error.to_string());
+            }
+            ended = true;
+            send.await
+        }
+    };
+    let response = match sent {
+        Ok(response) => response,
+        Err(error) => return Opened::Failed(error.to_string()),
+    };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (parts, incoming) = response.into_parts();
+        let collect = Limited::new(incoming, MAX_REFUSAL_BODY).collect();
+        tokio::pin!(collect);
+        let content = if ended {
+            collect.await
+        } else {
+            tokio::select! {
+                biased;
+                content = &mut collect => content,
+                _ = &mut connection => collect.await,
+            }
+        };
+        let content = content.map(|c| c.to_bytes()).unwrap_or_default();
+        return Opened::Refused(relay_refusal(parts, content));
+    }
+    if let Err(error) = check_answer(response.headers(), key, offer) {
+        return Opened::Failed(error);
+    }
+    let answer = response.headers().get(SEC_WEBSOCKET_PROTOCOL).cloned();
+    let upgrade = hyper::upgrade::on(response);
+    if !ended {
+        if let Err(error) = connection.await {
+            return Opened::Failed(error.to_string());
+        }
+    }
+    match upgrade.await {
+        Ok(upgraded) => Opened::Upgraded(upgraded, answer),
+        Err(error) => Opened::Failed(error.to_string()),
+    }
+}
+
+/// Checks an upstream's 101: the accept key answers the key sent, no extension was taken
+/// (none is offered), and a chosen subprotocol is one the client offered.
+fn check_answer(headers: &http::HeaderMap, key: &str, offer: &Offer) -> Result<(), String> {
+    let upgrade = headers
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return Err("the 101 does not upgrade to websocket".into());
+    }
+    let expected = derive_accept_key(key.as_bytes());
+    if headers.get(SEC_WEBSOCKET_ACCEPT).map(HeaderValue::as_bytes) != Some(expected.as_bytes()) {
+        return Err("wrong Sec-WebSocket-Accept".into());
+    }
+    if headers.contains_key(SEC_WEBSOCKET_EXTENSIONS) {
+        return Err("an extension was chosen that was not offered".into());
+    }
+    if let Some(chosen) = headers.get(SEC_WEBSOCKET_PROTOCOL) {
+        let chosen = chosen.to_str().unwrap_or_default();
+        if !offer.forwarded.iter().any(|p| p == chosen) {
+            return Err("a subprotocol was chosen that was not offered".into());
+        }
+    }
+    Ok(())
+}
+
 /// The handshake request for the upstream: the rewritten request's headers, filtered
 /// subprotocols, and fresh WebSocket headers.
 fn upstream_request(
     request: &Request<Incoming>,
-    uri: Uri,
+    target: Uri,
+    host: HeaderValue,
     offer: &Offer,
-) -> Result<Request<()>, GatewayError> {
+    key: &str,
+) -> Result<Request<Empty<Bytes>>, GatewayError> {
     let mut headers = request.headers().clone();
     for name in [
         SEC_WEBSOCKET_KEY,
@@ -223,28 +322,21 @@ fn upstream_request(
         headers.insert(SEC_WEBSOCKET_PROTOCOL, list);
     }
     if !headers.contains_key(HOST) {
-        if let Some(authority) = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(HOST, authority);
-        }
+        headers.insert(HOST, host);
     }
     headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-    let key = HeaderValue::from_str(&generate_key())
-        .map_err(|_| GatewayError::InvalidRequest("key".into()))?;
+    let key = HeaderValue::from_str(key).map_err(|_| GatewayError::InvalidRequest("key".into()))?;
     headers.insert(SEC_WEBSOCKET_KEY, key);
-    let mut handshake = Request::new(());
-    *handshake.uri_mut() = uri;
+    let mut handshake = Request::new(Empty::new());
+    *handshake.uri_mut() = target;
     *handshake.headers_mut() = headers;
     Ok(handshake)
 }
 
-fn relay_refusal(refusal: http::Response<Option<Vec<u8>>>) -> Response<Body> {
-    let (parts, content) = refusal.into_parts();
-    let mut response = Response::new(body::full(content.unwrap_or_default()));
+fn relay_refusal(parts: http::response::Parts, content: Bytes) -> Response<Body> {
+    let mut response = Response::new(body::full(content));
     *response.status_mut() = parts.status;
     if let Some(kind) = parts.headers.get(http::header::CONTENT_TYPE) {
         response
@@ -264,6 +356,8 @@ enum Ending {
     Idle,
     Shutdown,
     TooBig,
+    /// The client broke the protocol.
+    Invalid,
     Error,
 }
 
@@ -277,7 +371,7 @@ impl Ending {
             Ending::Idle => "idle",
             Ending::Shutdown => "shutdown",
             Ending::TooBig => "message_too_big",
-            Ending::Error => "error",
+            Ending::Invalid | Ending::Error => "error",
         }
     }
 
@@ -289,6 +383,7 @@ impl Ending {
             Ending::Idle => (CloseCode::Away, "idle timeout"),
             Ending::Shutdown => (CloseCode::Away, "gateway shutting down"),
             Ending::TooBig => (CloseCode::Size, "message too big"),
+            Ending::Invalid => (CloseCode::Protocol, "protocol error"),
             Ending::Error => (CloseCode::Error, "relay error"),
             Ending::Client | Ending::Upstream => return None,
         };
@@ -333,29 +428,124 @@ fn still_valid(
     Ok(expires_at.map(|t| t.0))
 }
 
-/// Relays frames both ways until either side closes, the credential ends, the
-/// connection idles out, or the gateway shuts down.
-async fn relay<C, U>(
-    mut client: WebSocketStream<C>,
-    mut upstream: WebSocketStream<U>,
+/// Which side a relay event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    Client,
+    Upstream,
+}
+
+/// The two sockets of a relayed connection and the two directions between them.
+struct Sockets {
+    client: TokioIo<Upgraded>,
+    upstream: TokioIo<Upgraded>,
+    /// Client to upstream: the client's frames, masked.
+    up: Direction,
+    /// Upstream to client: the upstream's frames, unmasked.
+    down: Direction,
+    /// When either side last sent anything.
+    activity: Instant,
+}
+
+impl Sockets {
+    /// Pumps both directions until one of them stops.
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<(From, Event)> {
+        let Sockets {
+            client,
+            upstream,
+            up,
+            down,
+            activity,
+        } = self;
+        if let Poll::Ready(event) = up.poll_pump(cx, client, upstream, activity) {
+            return Poll::Ready((From::Client, event));
+        }
+        if let Poll::Ready(event) = down.poll_pump(cx, upstream, client, activity) {
+            return Poll::Ready((From::Upstream, event));
+        }
+        Poll::Pending
+    }
+
+    /// Ends a connection the gateway itself closes: what is already on its way to each
+    /// side is written, then each side that is still there gets its close frame (unless
+    /// a frame is half written towards it) and the end of the connection.
+    async fn close(&mut self, to_client: Option<&[u8]>, to_upstream: Option<&[u8]>) {
+        let grace = Duration::from_secs(2);
+        let Sockets {
+            client,
+            upstream,
+            up,
+            down,
+            ..
+        } = self;
+        let _ = tokio::time::timeout(grace, finish(client, down, to_client)).await;
+        let _ = tokio::time::timeout(grace, finish(upstream, up, to_upstream)).await;
+    }
+}
+
+/// Writes out what `direction` still holds for `to`, then `close` if the stream towards
+/// `to` is between frames, then shuts `to`'s sending side.
+async fn finish(to: &mut TokioIo<Upgraded>, direction: &mut Direction, close: Option<&[u8]>) {
+    if std::future::poll_fn(|cx| direction.poll_drain(cx, to))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if let Some(close) = close.filter(|_| direction.frames.between_frames()) {
+        if pump::write_all(to, close).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// A close frame as the gateway sends it: masked towards the upstream (the gateway is its
+/// client), plain towards the client.
+fn close_bytes(frame: Option<CloseFrame>, towards_upstream: bool) -> Vec<u8> {
+    let mut frame = Frame::close(frame);
+    if towards_upstream {
+        let mut mask = [0u8; 4];
+        // A mask only needs to be unpredictable to the peer's peers; a failed draw still
+        // gives a valid (if predictable) frame.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut mask);
+        frame.header_mut().mask = Some(mask);
+    }
+    let mut out = Vec::with_capacity(frame.len());
+    // Writing into a Vec cannot fail.
+    let _ = frame.format(&mut out);
+    out
+}
+
+/// Relays both ways until either side closes, the credential ends, the connection idles
+/// out, or the gateway shuts down.
+async fn relay(
+    client: Upgraded,
+    upstream: Upgraded,
     credential: WatchedCredential,
     settings: RelaySettings,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let metrics = settings.metrics.clone();
     metrics.websocket_connections.inc();
     let started = Instant::now();
+    let max_message = u64::try_from(settings.max_message).unwrap_or(u64::MAX);
+    let messages = |direction: &str| metrics.websocket_messages.with_label_values(&[direction]);
+    let mut sockets = Sockets {
+        client: TokioIo::new(client),
+        upstream: TokioIo::new(upstream),
+        up: Direction::new(true, max_message, messages("client_to_upstream")),
+        down: Direction::new(false, max_message, messages("upstream_to_client")),
+        activity: Instant::now(),
+    };
     let mut shutdown = settings.lifecycle.shutdown.clone();
     let _drain = settings.lifecycle.drain.clone();
     let mut changes = settings.store.subscribe();
     let mut expiry = deadline(credential.identity.expires_at);
-    let mut last_frame = Instant::now();
-    let mut counts = [0u64; 2];
+    let idle_timeout = settings.idle_timeout;
+    let idle = tokio::time::sleep_until(sockets.activity + idle_timeout);
+    tokio::pin!(idle);
     let mut close_code = None;
-    let idle_check = settings.idle_timeout.min(Duration::from_secs(1));
-    let ending = loop {
+    let (ending, passed) = loop {
         let expires = async {
             match expiry {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -363,16 +553,23 @@ async fn relay<C, U>(
             }
         };
         tokio::select! {
-            message = client.next() => match forward(message, &mut upstream, &metrics, "client_to_upstream", &mut counts[0], &mut close_code).await {
-                Some(ending) => break ending.unwrap_or(Ending::Client),
-                None => last_frame = Instant::now(),
-            },
-            message = upstream.next() => match forward(message, &mut client, &metrics, "upstream_to_client", &mut counts[1], &mut close_code).await {
-                Some(ending) => break ending.unwrap_or(Ending::Upstream),
-                None => last_frame = Instant::now(),
-            },
-            _ = expires => break Ending::TokenExpired,
-            _ = crate::conn::stopped(&mut shutdown) => break Ending::Shutdown,
+            (from, event) = std::future::poll_fn(|cx| sockets.poll_pump(cx)) => {
+                break match (from, event) {
+                    (from, Event::Frames(Stop::Close(code))) => {
+                        close_code = code;
+                        (if from == From::Client { Ending::Client } else { Ending::Upstream }, Some(from))
+                    }
+                    (From::Client, Event::Ended) => (Ending::Client, None),
+                    (From::Upstream, Event::Ended) => (Ending::Upstream, None),
+                    (_, Event::Frames(Stop::TooBig)) => (Ending::TooBig, None),
+                    (From::Client, Event::Frames(Stop::Invalid)) => (Ending::Invalid, None),
+                    (From::Upstream, Event::Frames(Stop::Invalid)) | (_, Event::Failed) => {
+                        (Ending::Error, None)
+                    }
+                };
+            }
+            _ = expires => break (Ending::TokenExpired, None),
+            _ = crate::conn::stopped(&mut shutdown) => break (Ending::Shutdown, None),
             changed = changes.recv(), if credential.service_token_hash.is_some() => {
                 let hash = credential.service_token_hash.as_deref().unwrap_or_default();
                 let verdict = match changed {
@@ -391,36 +588,72 @@ async fn relay<C, U>(
                     }
                 };
                 match verdict {
-                    Err(ending) => break ending,
+                    Err(ending) => break (ending, None),
                     Ok(Some(at)) => expiry = deadline(Some(at)),
                     Ok(None) => {}
                 }
             }
-            _ = tokio::time::sleep(idle_check) => {
-                if last_frame.elapsed() >= settings.idle_timeout {
-                    break Ending::Idle;
+            () = &mut idle => {
+                let quiet_until = sockets.activity + idle_timeout;
+                if quiet_until <= Instant::now() {
+                    break (Ending::Idle, None);
                 }
+                idle.as_mut().reset(quiet_until);
             }
         }
     };
-    let (to_client, to_upstream) = if let Some(frame) = ending.close_frame() {
-        close_code = Some(u16::from(frame.code));
-        let to_upstream = if ending == Ending::TokenExpired || ending == Ending::TokenRevoked {
-            frame.clone()
-        } else {
-            CloseFrame {
-                code: CloseCode::Away,
-                reason: "client connection ended".into(),
-            }
-        };
-        (Some(frame), Some(to_upstream))
-    } else {
-        (None, None)
-    };
-    // Both closes are bounded: a peer that stops reading must not hold the task.
-    let grace = Duration::from_secs(2);
-    let _ = tokio::time::timeout(grace, client.close(to_client)).await;
-    let _ = tokio::time::timeout(grace, upstream.close(to_upstream)).await;
+    match passed {
+        // A side's close frame went to the other side: the other side's answer goes back
+        // (or its end, or the grace runs out), then both connections end.
+        Some(from) => {
+            let answer = std::future::poll_fn(|cx| match from {
+                From::Client => sockets.down.poll_pump(
+                    cx,
+                    &mut sockets.upstream,
+                    &mut sockets.client,
+                    &mut sockets.activity,
+                ),
+                From::Upstream => sockets.up.poll_pump(
+                    cx,
+                    &mut sockets.client,
+                    &mut sockets.upstream,
+                    &mut sockets.activity,
+                ),
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
+            sockets.close(None, None).await;
+        }
+        None => {
+            let (to_client, to_upstream) = match ending.close_frame() {
+                Some(frame) => {
+                    close_code = Some(u16::from(frame.code));
+                    let to_upstream =
+                        if matches!(ending, Ending::TokenExpired | Ending::TokenRevoked) {
+                            frame.clone()
+                        } else {
+                            CloseFrame {
+                                code: CloseCode::Away,
+                                reason: "client connection ended".into(),
+                            }
+                        };
+                    (Some(frame), Some(to_upstream))
+                }
+                None => (None, None),
+            };
+            // A side that ended without a close frame: the other gets a bare one.
+            let to_client = match ending {
+                Ending::Client => None,
+                _ => Some(close_bytes(to_client, false)),
+            };
+            let to_upstream = match ending {
+                Ending::Upstream => None,
+                _ => Some(close_bytes(to_upstream, true)),
+            };
+            sockets
+                .close(to_client.as_deref(), to_upstream.as_deref())
+                .await;
+        }
+    }
     metrics.websocket_connections.dec();
     metrics
         .websocket_closed
@@ -431,51 +664,10 @@ async fn relay<C, U>(
         subject = %credential.identity.subject,
         token_id = %credential.identity.token_id,
         duration_ms = started.elapsed().as_millis() as u64,
-        messages_from_client = counts[0],
-        messages_from_upstream = counts[1],
+        messages_from_client = sockets.up.messages,
+        messages_from_upstream = sockets.down.messages,
         close_code = close_code.unwrap_or(0),
         closed_by = ending.as_str(),
         "websocket closed"
     );
-}
-
-/// Forwards one message read from one side to the other. `None`: carry on.
-/// `Some(None)`: the reading side closed (normally). `Some(Some(ending))`: the gateway
-/// ends the connection.
-async fn forward<S>(
-    message: Option<Result<Message, WsError>>,
-    to: &mut WebSocketStream<S>,
-    metrics: &Metrics,
-    direction: &str,
-    count: &mut u64,
-    close_code: &mut Option<u16>,
-) -> Option<Option<Ending>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match message {
-        Some(Ok(Message::Close(frame))) => {
-            *close_code = frame.as_ref().map(|f| u16::from(f.code));
-            // The other side gets the same code and reason; then both sides wind down.
-            let _ = tokio::time::timeout(Duration::from_secs(2), to.close(frame)).await;
-            Some(None)
-        }
-        Some(Ok(Message::Frame(_))) => None,
-        Some(Ok(message)) => {
-            *count += 1;
-            metrics
-                .websocket_messages
-                .with_label_values(&[direction])
-                .inc();
-            // Awaiting the send is the backpressure: nothing more is read from this side
-            // until the other side has taken this message.
-            match to.send(message).await {
-                Ok(()) => None,
-                Err(_) => Some(Some(Ending::Error)),
-            }
-        }
-        Some(Err(WsError::Capacity(_))) => Some(Some(Ending::TooBig)),
-        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) | None => Some(None),
-        Some(Err(_)) => Some(Some(Ending::Error)),
-    }
 }
