@@ -2,6 +2,7 @@
 //! the client, then a frame relay both ways that ends with the credential — `exp`, the
 //! service token's expiry or revocation — with close 1008 to the client.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,7 +34,7 @@ use pump::{Direction, Event};
 
 use crate::auth::identity::{AuthMethod, Identity};
 use crate::body::{self, Body};
-use crate::conn::Lifecycle;
+use crate::conn::{Lifecycle, Quiet};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::store::{hash_secret, StoreChange, TokenStore};
@@ -435,6 +436,20 @@ enum From {
     Upstream,
 }
 
+/// What woke the relay's loop.
+enum Step {
+    /// A direction stopped.
+    Pumped((From, Event)),
+    /// The credential's expiry came.
+    Expired,
+    /// The gateway shuts down.
+    Shutdown,
+    /// The idle timer fired (the connection may have been active since it was set).
+    Quiet,
+    /// The token store changed.
+    Changed(Result<StoreChange, broadcast::error::RecvError>),
+}
+
 /// The two sockets of a relayed connection and the two directions between them.
 struct Sockets {
     client: TokioIo<Upgraded>,
@@ -545,19 +560,62 @@ async fn relay(
     let idle = tokio::time::sleep_until(sockets.activity + idle_timeout);
     tokio::pin!(idle);
     let mut close_code = None;
+    // The timers and notifications are polled only when one of them woke the relay, not
+    // at every wake for the sockets (a message each way is several).
+    let quiet = Quiet::new();
+    let watching = credential.service_token_hash.is_some();
     let (ending, passed) = loop {
-        let expires = async {
-            match expiry {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
+        let step = {
+            let expires = async {
+                match expiry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stop = crate::conn::stopped(&mut shutdown);
+            let changed = async {
+                match watching {
+                    true => changes.recv().await,
+                    false => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expires, stop, changed);
+            // New futures: polled once, so that they register.
+            quiet.wake_again();
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(pumped) = sockets.poll_pump(cx) {
+                    return Poll::Ready(Step::Pumped(pumped));
+                }
+                let Some(mut cx) = quiet.woken(cx) else {
+                    return Poll::Pending;
+                };
+                let step = if expires.as_mut().poll(&mut cx).is_ready() {
+                    Step::Expired
+                } else if stop.as_mut().poll(&mut cx).is_ready() {
+                    Step::Shutdown
+                } else if idle.as_mut().poll(&mut cx).is_ready() {
+                    Step::Quiet
+                } else if let Poll::Ready(change) = changed.as_mut().poll(&mut cx) {
+                    Step::Changed(change)
+                } else {
+                    return Poll::Pending;
+                };
+                // Another of them may be ready too: look at them all again next time.
+                quiet.wake_again();
+                Poll::Ready(step)
+            })
+            .await
         };
-        tokio::select! {
-            (from, event) = std::future::poll_fn(|cx| sockets.poll_pump(cx)) => {
+        match step {
+            Step::Pumped((from, event)) => {
                 break match (from, event) {
                     (from, Event::Frames(Stop::Close(code))) => {
                         close_code = code;
-                        (if from == From::Client { Ending::Client } else { Ending::Upstream }, Some(from))
+                        let ending = match from {
+                            From::Client => Ending::Client,
+                            From::Upstream => Ending::Upstream,
+                        };
+                        (ending, Some(from))
                     }
                     (From::Client, Event::Ended) => (Ending::Client, None),
                     (From::Upstream, Event::Ended) => (Ending::Upstream, None),
@@ -568,9 +626,16 @@ async fn relay(
                     }
                 };
             }
-            _ = expires => break (Ending::TokenExpired, None),
-            _ = crate::conn::stopped(&mut shutdown) => break (Ending::Shutdown, None),
-            changed = changes.recv(), if credential.service_token_hash.is_some() => {
+            Step::Expired => break (Ending::TokenExpired, None),
+            Step::Shutdown => break (Ending::Shutdown, None),
+            Step::Quiet => {
+                let quiet_until = sockets.activity + idle_timeout;
+                if quiet_until <= Instant::now() {
+                    break (Ending::Idle, None);
+                }
+                idle.as_mut().reset(quiet_until);
+            }
+            Step::Changed(changed) => {
                 let hash = credential.service_token_hash.as_deref().unwrap_or_default();
                 let verdict = match changed {
                     // This token changed: its new state is in the notification.
@@ -592,13 +657,6 @@ async fn relay(
                     Ok(Some(at)) => expiry = deadline(Some(at)),
                     Ok(None) => {}
                 }
-            }
-            () = &mut idle => {
-                let quiet_until = sockets.activity + idle_timeout;
-                if quiet_until <= Instant::now() {
-                    break (Ending::Idle, None);
-                }
-                idle.as_mut().reset(quiet_until);
             }
         }
     };

@@ -15,13 +15,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper::header::CONNECTION;
 use hyper::server::conn::{http1, http2};
@@ -34,7 +32,7 @@ use tokio::net::TcpStream;
 use super::activity::{Activity, Guarded, Tracked};
 use super::{Handler, ServerContext};
 use crate::config::Limits;
-use crate::conn::{stopped, ConnInfo};
+use crate::conn::{stopped, ConnInfo, Quiet};
 
 /// How long an HTTP/1.1 session stays idle before it is released (see the module
 /// documentation). A client whose next request follows within it keeps its session; one
@@ -430,60 +428,6 @@ enum Event {
     Watchdog,
 }
 
-/// Lets a task poll some of its futures only after one of them woke it. They are polled
-/// with a waker of their own, which marks them woken and wakes the task; a wake of the
-/// task by anything else (its socket, say) skips them. Polling a pending timer or
-/// notification is not free (a lock, a timer check), and a connection's task wakes
-/// several times per request for none of them.
-struct Quiet {
-    flag: Arc<QuietFlag>,
-    waker: Waker,
-}
-
-struct QuietFlag {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for QuietFlag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl Quiet {
-    /// Woken at first, so the futures are polled (and register) once.
-    fn new() -> Self {
-        let flag = Arc::new(QuietFlag {
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
-        let waker = Waker::from(flag.clone());
-        Quiet { flag, waker }
-    }
-
-    /// The context to poll the futures with, if one of them woke the task since they were
-    /// last polled; `None`: leave them be. The task's waker is kept for their next wake.
-    fn woken(&self, cx: &Context<'_>) -> Option<Context<'_>> {
-        // Registered first: a wake between the two lines is then not lost.
-        self.flag.task.register(cx.waker());
-        self.flag
-            .woken
-            .swap(false, Ordering::AcqRel)
-            .then(|| Context::from_waker(&self.waker))
-    }
-
-    /// Has the futures polled again at the next poll (one was ready; others may be).
-    fn wake_again(&self) {
-        self.flag.woken.store(true, Ordering::Release);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,47 +442,6 @@ mod tests {
         assert!(asks_to_close(&headers));
         headers.insert(CONNECTION, "closed".parse().unwrap());
         assert!(!asks_to_close(&headers));
-    }
-
-    #[derive(Default)]
-    struct CountingWaker(std::sync::atomic::AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn quiet_futures_are_polled_only_after_one_of_them_woke_the_task() {
-        let task = Arc::new(CountingWaker::default());
-        let task_waker = Waker::from(task.clone());
-        let cx = Context::from_waker(&task_waker);
-        let quiet = Quiet::new();
-        // Polled once at first, so that they register.
-        let theirs = quiet.woken(&cx).expect("polled at first").waker().clone();
-        assert!(
-            quiet.woken(&cx).is_none(),
-            "a wake by anything else skips them"
-        );
-        theirs.wake_by_ref();
-        assert_eq!(
-            task.0.load(Ordering::SeqCst),
-            1,
-            "their wake wakes the task"
-        );
-        assert!(quiet.woken(&cx).is_some(), "then they are polled");
-        assert!(quiet.woken(&cx).is_none());
-        quiet.wake_again();
-        assert!(
-            quiet.woken(&cx).is_some(),
-            "one was ready: all polled again"
-        );
-        // A wake before the task polls again is not lost, and wakes the task once more.
-        theirs.wake_by_ref();
-        theirs.wake_by_ref();
-        assert!(quiet.woken(&cx).is_some());
-        assert!(task.0.load(Ordering::SeqCst) >= 2);
     }
 
     #[tokio::test]
