@@ -21,6 +21,7 @@ pub mod identity;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;
+mod service;
 
 use credential::{Credential, MAX_TOKEN_BYTES};
 use failure::{AuthError, AuthFailure, Expired};
@@ -86,6 +87,8 @@ pub struct Authenticator {
     bootstrap: Option<BootstrapToken>,
     jwt: JwtVerifier,
     store: Arc<dyn TokenStore>,
+    /// Service-token identities, built once per stored record.
+    service_identities: service::ServiceIdentities,
     metrics: Metrics,
     /// `log.sensitive_debug`: debug lines carry the identity's claims and the token's
     /// fingerprint (still never the token).
@@ -161,6 +164,7 @@ impl Authenticator {
             bootstrap,
             jwt,
             store,
+            service_identities: Default::default(),
             metrics,
             sensitive_debug: config.log.sensitive_debug,
         })
@@ -376,27 +380,20 @@ impl Authenticator {
                 return Err(AuthFailure::token(AuthError::BackendUnavailable));
             }
         };
-        let id = record.identifier.clone();
         if record.revoked_at.is_some() {
-            return Err(AuthFailure::of(AuthError::TokenRevoked, id));
+            return Err(AuthFailure::of(
+                AuthError::TokenRevoked,
+                record.identifier.clone(),
+            ));
         }
         if record.expires_at.is_some_and(|at| at <= Timestamp::now()) {
             return Err(AuthFailure::of(
                 AuthError::TokenExpired(Expired::Service),
-                id,
+                record.identifier.clone(),
             ));
         }
-        self.store.record_use(&id);
-        Ok(Arc::new(Identity {
-            subject: id.clone(),
-            identity_type: IdentityType::Service,
-            token_id: id,
-            scopes: record.scopes.iter().cloned().collect(),
-            workspaces: Workspaces::from_ids(record.workspace_ids.iter().cloned()),
-            method: AuthMethod::ServiceToken,
-            expires_at: record.expires_at.map(|t| t.0),
-            values: Default::default(),
-        }))
+        self.store.record_use(&record.identifier);
+        Ok(self.service_identities.of(&record))
     }
 }
 

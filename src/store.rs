@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use crate::time::Timestamp;
 
@@ -162,7 +162,7 @@ pub trait TokenStore: Send + Sync {
     fn lookup<'a>(
         &'a self,
         secret_hash: &'a str,
-    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>>;
+    ) -> BoxFuture<'a, Result<Option<Arc<TokenRecord>>, StoreError>>;
 
     /// Whether at least one active token exists (answered from memory: it is asked on
     /// every request in the default mode).
@@ -264,13 +264,14 @@ impl TokenStore for MemoryStore {
     fn lookup<'a>(
         &'a self,
         secret_hash: &'a str,
-    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<Arc<TokenRecord>>, StoreError>> {
         let found = self
             .tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(secret_hash)
-            .cloned();
+            .cloned()
+            .map(Arc::new);
         Box::pin(async move { Ok(found) })
     }
 

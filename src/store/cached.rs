@@ -36,7 +36,9 @@ const UNKNOWN_FOR: Duration = Duration::from_secs(5);
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
 struct Cached {
-    record: TokenRecord,
+    /// Replaced, never changed in place: the same `Arc` is the same record (the
+    /// authenticator keeps what it derives from a record while the record is the same).
+    record: Arc<TokenRecord>,
     fetched: Instant,
     /// Set on an unknown change: the entry must be asked for again, but still stands in
     /// while the store cannot answer.
@@ -121,8 +123,10 @@ impl CachedStore {
         match change {
             StoreChange::Token(token) => {
                 if let Some(entry) = entries.known.get_mut(&token.secret_hash) {
-                    entry.record.expires_at = token.expires_at;
-                    entry.record.revoked_at = token.revoked_at;
+                    let mut record = TokenRecord::clone(&entry.record);
+                    record.expires_at = token.expires_at;
+                    record.revoked_at = token.revoked_at;
+                    entry.record = Arc::new(record);
                 }
                 if token.created {
                     entries.unknown.clear();
@@ -146,7 +150,7 @@ impl CachedStore {
 
     /// Caches the store's answer for `hash`, unless a change arrived since the lookup
     /// began (`generation`): that answer may predate it.
-    fn remember(&self, hash: &str, record: Option<&TokenRecord>, generation: u64) {
+    fn remember(&self, hash: &str, record: Option<&Arc<TokenRecord>>, generation: u64) {
         let mut entries = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if self.generation.load(Ordering::Acquire) != generation {
             return;
@@ -185,7 +189,7 @@ impl CachedStore {
         let entries = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = entries.known.get(hash) {
             let fresh = !c.stale && c.fetched.elapsed() < FRESH;
-            return Lookup::Known(Box::new(c.record.clone()), fresh);
+            return Lookup::Known(c.record.clone(), fresh);
         }
         match entries.unknown.get(hash) {
             Some(seen) if seen.elapsed() < UNKNOWN_FOR => Lookup::Unknown,
@@ -197,7 +201,7 @@ impl CachedStore {
 /// What the cache holds for a secret.
 enum Lookup {
     /// A record, and whether it is fresh enough to answer without the store.
-    Known(Box<TokenRecord>, bool),
+    Known(Arc<TokenRecord>, bool),
     /// The store recently said it has no such token.
     Unknown,
     /// Nothing.
@@ -208,11 +212,11 @@ impl TokenStore for CachedStore {
     fn lookup<'a>(
         &'a self,
         secret_hash: &'a str,
-    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<Arc<TokenRecord>>, StoreError>> {
         Box::pin(async move {
             let stale = match self.cached(secret_hash) {
-                Lookup::Known(record, true) => return Ok(Some(*record)),
-                Lookup::Known(record, false) => Some(*record),
+                Lookup::Known(record, true) => return Ok(Some(record)),
+                Lookup::Known(record, false) => Some(record),
                 Lookup::Unknown => return Ok(None),
                 Lookup::Miss => None,
             };
@@ -300,12 +304,15 @@ impl TokenStore for CachedStore {
     }
 
     fn record_use(&self, identifier: &str) {
+        let now = Timestamp::now();
         let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = usage
-            .entry(identifier.to_string())
-            .or_insert((0, Timestamp::now()));
-        entry.0 += 1;
-        entry.1 = Timestamp::now();
+        // The id is copied only for the first use since the last flush.
+        match usage.get_mut(identifier) {
+            Some(entry) => *entry = (entry.0 + 1, now),
+            None => {
+                usage.insert(identifier.to_string(), (1, now));
+            }
+        }
     }
 
     /// Writes the counted usage; on failure the counts are kept and retried next time.
@@ -380,7 +387,7 @@ mod tests {
         inner.put(record("later", "later"));
         settle(&store, before).await;
         let found = store.lookup(&hash).await.unwrap();
-        assert_eq!(found.map(|r| r.identifier).as_deref(), Some("later"));
+        assert_eq!(found.as_ref().map(|r| r.identifier.as_str()), Some("later"));
     }
 
     #[tokio::test]

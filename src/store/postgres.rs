@@ -374,7 +374,7 @@ impl TokenStore for PostgresStore {
     fn lookup<'a>(
         &'a self,
         secret_hash: &'a str,
-    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<Arc<TokenRecord>>, StoreError>> {
         Box::pin(async move {
             let client = self.pool.get().await.map_err(error)?;
             let query = format!("SELECT {COLUMNS} FROM service_tokens WHERE secret_hash = $1");
@@ -382,7 +382,9 @@ impl TokenStore for PostgresStore {
                 .query_opt(&query, &[&secret_hash])
                 .await
                 .map_err(error)?;
-            row.map(|r| row_to_record(&r)).transpose().map_err(error)
+            row.map(|r| row_to_record(&r).map(Arc::new))
+                .transpose()
+                .map_err(error)
         })
     }
 

@@ -413,7 +413,7 @@ impl TokenStore for SqliteStore {
     fn lookup<'a>(
         &'a self,
         secret_hash: &'a str,
-    ) -> BoxFuture<'a, Result<Option<TokenRecord>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<Arc<TokenRecord>>, StoreError>> {
         let connection = self.connection.clone();
         let hash = secret_hash.to_string();
         Box::pin(async move {
@@ -423,6 +423,7 @@ impl TokenStore for SqliteStore {
             })
             .await
             .map_err(|e| StoreError(e.to_string()))?
+            .map(|found| found.map(Arc::new))
             .map_err(|e| StoreError(e.to_string()))
         })
     }
