@@ -35,6 +35,9 @@ const TOKEN_CACHE_CAPACITY: usize = 10_000;
 /// The bootstrap token, kept only as its digest so it is compared in constant time.
 struct BootstrapToken {
     digest: [u8; 32],
+    /// Whether the token has a `.` in it: a token that differs in this (every JWT, when
+    /// the bootstrap token has none) is not it, and is not hashed to find out.
+    dotted: bool,
     scopes: BTreeSet<String>,
     expires_at: Option<Timestamp>,
 }
@@ -128,6 +131,7 @@ impl Authenticator {
             .filter(|t| !t.expose().is_empty())
             .map(|token| BootstrapToken {
                 digest: digest(token.expose()),
+                dotted: token.expose().contains('.'),
                 scopes: auth.bootstrap.scopes.0.iter().cloned().collect(),
                 expires_at: auth.bootstrap.expires_at,
             });
@@ -278,9 +282,18 @@ impl Authenticator {
         token: &str,
         client_ip: &str,
     ) -> Result<Arc<Identity>, AuthFailure> {
-        let method = if self.is_bootstrap(token) {
+        let dotted = token.contains('.');
+        // The token's SHA-256, when something needs it: the comparison with the bootstrap
+        // token, and the service-token lookup (its hex). Computed once.
+        let hashed =
+            (!dotted || self.bootstrap.as_ref().is_some_and(|b| b.dotted)).then(|| digest(token));
+        let is_bootstrap = match (&self.bootstrap, &hashed) {
+            (Some(bootstrap), Some(hashed)) => constant_time_eq(&bootstrap.digest, hashed),
+            _ => false,
+        };
+        let method = if is_bootstrap {
             AuthMethod::Bootstrap
-        } else if token.contains('.') {
+        } else if dotted {
             AuthMethod::Jwt
         } else {
             AuthMethod::ServiceToken
@@ -291,7 +304,10 @@ impl Authenticator {
             match method {
                 AuthMethod::Bootstrap => self.bootstrap_identity(client_ip),
                 // Service tokens are base64url and never contain a dot; JWTs always do.
-                AuthMethod::ServiceToken => self.service_token(token).await,
+                AuthMethod::ServiceToken => {
+                    let hash = crate::store::hex(&hashed.unwrap_or_else(|| digest(token)));
+                    self.service_token(&hash).await
+                }
                 _ if self.jwt.has_sources() => {
                     self.jwt
                         .verify(token, crate::time::since_epoch().as_secs_f64())
@@ -333,12 +349,6 @@ impl Authenticator {
         result
     }
 
-    fn is_bootstrap(&self, token: &str) -> bool {
-        self.bootstrap
-            .as_ref()
-            .is_some_and(|b| constant_time_eq(&b.digest, &digest(token)))
-    }
-
     fn bootstrap_identity(&self, client_ip: &str) -> Result<Arc<Identity>, AuthFailure> {
         let Some(bootstrap) = &self.bootstrap else {
             return Err(AuthFailure::token(AuthError::InvalidToken));
@@ -371,8 +381,9 @@ impl Authenticator {
         }))
     }
 
-    async fn service_token(&self, token: &str) -> Result<Arc<Identity>, AuthFailure> {
-        let record = match self.store.lookup(&hash_secret(token)).await {
+    /// The service token whose secret hashes to `hash` (lowercase hex SHA-256).
+    async fn service_token(&self, hash: &str) -> Result<Arc<Identity>, AuthFailure> {
+        let record = match self.store.lookup(hash).await {
             Ok(Some(record)) => record,
             Ok(None) => return Err(AuthFailure::token(AuthError::InvalidToken)),
             Err(error) => {

@@ -390,10 +390,14 @@ impl TokenStore for MemoryStore {
 /// SHA-256 of a token, lowercase hex: how secrets are stored and looked up. Runs on every
 /// service-token request: one allocation, no formatting machinery.
 pub fn hash_secret(secret: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+}
+
+/// Lowercase hex of `bytes` (a secret's SHA-256 as [`hash_secret`] writes it).
+pub fn hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
-    let mut text = String::with_capacity(digest.as_ref().len() * 2);
-    for &byte in digest.as_ref() {
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for &byte in bytes {
         text.push(char::from(HEX[usize::from(byte >> 4)]));
         text.push(char::from(HEX[usize::from(byte & 0x0f)]));
     }

@@ -869,3 +869,44 @@ async fn an_identity_that_cannot_be_a_header_value_fails_the_request() {
         "Internal gateway error",
     );
 }
+
+#[tokio::test]
+async fn a_bootstrap_token_with_dots_is_still_the_bootstrap_token() {
+    // The bootstrap token is checked first, whatever it looks like; JWTs and service
+    // tokens beside it keep working.
+    let store = Arc::new(MemoryStore::new());
+    service_token(&store, "ci", "ci-secret", &["workflows:read"], &[]);
+    let auth = format!(
+        "auth:\n  jwt: {{secret: '{}'}}\n  bootstrap:\n    token: boot.strap.token\n",
+        std::str::from_utf8(SECRET).unwrap()
+    );
+    let (gw, _up) = gateway_with(&auth, store).await;
+    let boot = call(
+        gw.http,
+        "/read/x",
+        &[("authorization", "Bearer boot.strap.token")],
+    )
+    .await;
+    assert_eq!(boot.0, StatusCode::OK);
+    assert_eq!(
+        upstream_headers(&boot)["x-orcheo-auth-method"][0],
+        "bootstrap"
+    );
+    let token = bearer(&jwt("workflows:read", json!([])));
+    let signed = call(gw.http, "/read/x", &[("authorization", &token)]).await;
+    assert_eq!(signed.0, StatusCode::OK);
+    assert_eq!(upstream_headers(&signed)["x-orcheo-auth-method"][0], "jwt");
+    let service = call(gw.http, "/read/x", &[("authorization", "Bearer ci-secret")]).await;
+    assert_eq!(service.0, StatusCode::OK);
+    assert_eq!(
+        upstream_headers(&service)["x-orcheo-auth-method"][0],
+        "service_token"
+    );
+    let near = call(
+        gw.http,
+        "/read/x",
+        &[("authorization", "Bearer boot.strap.tokeN")],
+    )
+    .await;
+    assert_eq!(near.0, StatusCode::UNAUTHORIZED);
+}
