@@ -411,3 +411,107 @@ async fn grpc_ext_authz_over_tls_with_the_serving_certificate() {
     let response = client.check(request).await.unwrap().into_inner();
     assert_eq!(response.status.unwrap().code, 0, "allowed over TLS");
 }
+
+/// A TLS WebSocket upstream with `chain`/`key`: greets with "hello" at once, then echoes.
+async fn tls_ws_upstream(chain: &str, key: &str) -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let certs: Vec<CertificateDer<'static>> =
+        rustls::pki_types::pem::PemObject::pem_slice_iter(chain.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls::pki_types::pem::PemObject::from_pem_slice(key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut socket) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                if socket.send(Message::text("hello")).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(message)) = socket.next().await {
+                    if message.is_text() || message.is_binary() {
+                        if socket.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn websockets_over_tls_on_both_sides() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+    let ca = ca();
+    let root = CertificateDer::from(ca.cert.der().to_vec());
+    let (up_chain, up_key, _) = leaf(&ca, "ws-upstream", 2035);
+    let upstream = tls_ws_upstream(&up_chain, &up_key).await;
+    let dir = temp_dir("tls-websocket");
+    let (chain, key, _) = leaf(&ca, "leaf", 2035);
+    write_pair(&dir, &chain, &key);
+    std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+    let gw = gateway(&format!(
+        "listen: {{http: [], https: ['127.0.0.1:0']}}\nadmin: {{listen: '127.0.0.1:0'}}\ntls: {{cert_file: '{}', key_file: '{}'}}\nupstreams: {{default: {{url: 'https://localhost:{}', ca_file: '{}'}}}}\nroutes: [{{name: ws, path: '/ws/**', websocket: true, public: true}}]\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display(),
+        upstream.port(),
+        dir.join("ca.pem").display()
+    ))
+    .await;
+    let addr = gw.gateway().addresses.https[0];
+    let stream = handshake(addr, &root, b"http/1.1").await;
+    let (mut client, response) = tokio_tungstenite::client_async("wss://localhost/ws/echo", stream)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    // The greeting the upstream sent right after its 101 is not lost.
+    assert_eq!(
+        client.next().await.unwrap().unwrap(),
+        Message::text("hello")
+    );
+    client.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(
+        client.next().await.unwrap().unwrap(),
+        Message::text("over tls")
+    );
+    // Larger than any one TLS record or read: it goes through in many.
+    let big: Vec<u8> = (0..300 * 1024).map(|i| (i % 253) as u8).collect();
+    client.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(client.next().await.unwrap().unwrap(), Message::binary(big));
+    client
+        .close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        }))
+        .await
+        .unwrap();
+    // The upstream's answer to the close comes back through the gateway.
+    let answer = tokio::time::timeout(Duration::from_secs(3), client.next())
+        .await
+        .unwrap();
+    match answer {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected the upstream's close, got {other:?}"),
+    }
+}
