@@ -445,10 +445,10 @@ async fn tls_ws_upstream(chain: &str, key: &str) -> SocketAddr {
                     return;
                 }
                 while let Some(Ok(message)) = socket.next().await {
-                    if message.is_text() || message.is_binary() {
-                        if socket.send(message).await.is_err() {
-                            return;
-                        }
+                    if (message.is_text() || message.is_binary())
+                        && socket.send(message).await.is_err()
+                    {
+                        return;
                     }
                 }
             });
