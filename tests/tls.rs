@@ -61,6 +61,24 @@ async fn tls_gateway(dir: &Path, upstream: &str) -> TestGateway {
     .await
 }
 
+/// A TLS acceptor serving `chain` with `key` (PEM), for upstreams the gateway reaches over
+/// TLS.
+fn acceptor(chain: &str, key: &str) -> tokio_rustls::TlsAcceptor {
+    let certs: Vec<CertificateDer<'static>> =
+        rustls::pki_types::pem::PemObject::pem_slice_iter(chain.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls::pki_types::pem::PemObject::from_pem_slice(key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(server))
+}
+
 fn connector(root: &CertificateDer<'static>, alpn: &[u8]) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root.clone()).unwrap();
@@ -304,19 +322,7 @@ async fn a_key_that_does_not_fit_the_certificate_stops_the_start() {
 async fn https_upstreams_are_verified_with_the_configured_ca() {
     let ca = ca();
     let (chain, key, _) = leaf(&ca, "upstream", 2035);
-    let certs: Vec<CertificateDer<'static>> =
-        rustls::pki_types::pem::PemObject::pem_slice_iter(chain.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-    let key = rustls::pki_types::pem::PemObject::from_pem_slice(key.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let acceptor = acceptor(&chain, &key);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -416,19 +422,7 @@ async fn grpc_ext_authz_over_tls_with_the_serving_certificate() {
 async fn tls_ws_upstream(chain: &str, key: &str) -> SocketAddr {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let certs: Vec<CertificateDer<'static>> =
-        rustls::pki_types::pem::PemObject::pem_slice_iter(chain.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-    let key = rustls::pki_types::pem::PemObject::from_pem_slice(key.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let acceptor = acceptor(chain, key);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

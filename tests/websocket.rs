@@ -158,6 +158,22 @@ async fn hello(client: &mut Client) -> Value {
     }
 }
 
+/// A gateway (with `extra` configuration) in front of a fresh upstream, and a client
+/// connected through it with a valid token, past the upstream's greeting.
+async fn relayed(extra: &str) -> (TestGateway, Client, Seen) {
+    let (upstream, seen) = ws_upstream().await;
+    let gw = ws_gateway(upstream, extra, Default::default()).await;
+    let (mut client, _) = connect(
+        &gw,
+        &format!("/ws/workflow/a?token={}", token_with(600)),
+        &[],
+    )
+    .await
+    .unwrap();
+    hello(&mut client).await;
+    (gw, client, seen)
+}
+
 async fn close_frame(client: &mut Client, within: Duration) -> Option<CloseFrame> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
@@ -297,16 +313,7 @@ async fn refusals_are_http_errors_never_a_101() {
 
 #[tokio::test]
 async fn text_binary_large_messages_and_close_codes_both_ways() {
-    let (upstream, seen) = ws_upstream().await;
-    let gw = ws_gateway(upstream, "", Default::default()).await;
-    let (mut client, _) = connect(
-        &gw,
-        &format!("/ws/workflow/a?token={}", token_with(600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    hello(&mut client).await;
+    let (gw, mut client, seen) = relayed("").await;
     client.send(Message::text("hello")).await.unwrap();
     assert_eq!(
         client.next().await.unwrap().unwrap(),
@@ -374,21 +381,7 @@ async fn text_binary_large_messages_and_close_codes_both_ways() {
 
 #[tokio::test]
 async fn oversized_messages_close_with_1009() {
-    let (upstream, _) = ws_upstream().await;
-    let gw = ws_gateway(
-        upstream,
-        "limits: {websocket_max_message: 64KiB}\n",
-        Default::default(),
-    )
-    .await;
-    let (mut client, _) = connect(
-        &gw,
-        &format!("/ws/workflow/a?token={}", token_with(600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    hello(&mut client).await;
+    let (_gw, mut client, _) = relayed("limits: {websocket_max_message: 64KiB}\n").await;
     client
         .send(Message::binary(vec![7u8; 100 * 1024]))
         .await
@@ -625,16 +618,7 @@ async fn an_upgraded_websocket_keeps_its_connection_slot_and_the_relay_cap_holds
 async fn fragments_and_pings_pass_as_sent() {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-    let (upstream, _) = ws_upstream().await;
-    let gw = ws_gateway(upstream, "", Default::default()).await;
-    let (mut client, _) = connect(
-        &gw,
-        &format!("/ws/workflow/a?token={}", token_with(600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    hello(&mut client).await;
+    let (gw, mut client, _) = relayed("").await;
     // A message in three fragments reaches the upstream as one message.
     for (data, opcode, last) in [
         (&b"frag"[..], Data::Text, false),
@@ -679,16 +663,7 @@ async fn fragments_and_pings_pass_as_sent() {
 
 #[tokio::test]
 async fn a_client_breaking_the_protocol_is_closed_with_1002() {
-    let (upstream, seen) = ws_upstream().await;
-    let gw = ws_gateway(upstream, "", Default::default()).await;
-    let (mut client, _) = connect(
-        &gw,
-        &format!("/ws/workflow/a?token={}", token_with(600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    hello(&mut client).await;
+    let (_gw, mut client, seen) = relayed("").await;
     // An unmasked frame, which a client must never send.
     let MaybeTlsStream::Plain(raw) = client.get_mut() else {
         panic!("plain connection expected");
