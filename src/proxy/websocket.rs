@@ -431,7 +431,7 @@ fn still_valid(
 
 /// Which side a relay event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum From {
+enum Side {
     Client,
     Upstream,
 }
@@ -439,13 +439,13 @@ enum From {
 /// What woke the relay's loop.
 enum Step {
     /// A direction stopped.
-    Pumped((From, Event)),
+    Pumped((Side, Event)),
     /// The credential's expiry came.
     Expired,
     /// The gateway shuts down.
     Shutdown,
     /// The idle timer fired (the connection may have been active since it was set).
-    Quiet,
+    IdleCheck,
     /// The token store changed.
     Changed(Result<StoreChange, broadcast::error::RecvError>),
 }
@@ -464,7 +464,7 @@ struct Sockets {
 
 impl Sockets {
     /// Pumps both directions until one of them stops.
-    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<(From, Event)> {
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<(Side, Event)> {
         let Sockets {
             client,
             upstream,
@@ -473,10 +473,10 @@ impl Sockets {
             activity,
         } = self;
         if let Poll::Ready(event) = up.poll_pump(cx, client, upstream, activity) {
-            return Poll::Ready((From::Client, event));
+            return Poll::Ready((Side::Client, event));
         }
         if let Poll::Ready(event) = down.poll_pump(cx, upstream, client, activity) {
-            return Poll::Ready((From::Upstream, event));
+            return Poll::Ready((Side::Upstream, event));
         }
         Poll::Pending
     }
@@ -594,7 +594,7 @@ async fn relay(
                 } else if stop.as_mut().poll(&mut cx).is_ready() {
                     Step::Shutdown
                 } else if idle.as_mut().poll(&mut cx).is_ready() {
-                    Step::Quiet
+                    Step::IdleCheck
                 } else if let Poll::Ready(change) = changed.as_mut().poll(&mut cx) {
                     Step::Changed(change)
                 } else {
@@ -612,23 +612,23 @@ async fn relay(
                     (from, Event::Frames(Stop::Close(code))) => {
                         close_code = code;
                         let ending = match from {
-                            From::Client => Ending::Client,
-                            From::Upstream => Ending::Upstream,
+                            Side::Client => Ending::Client,
+                            Side::Upstream => Ending::Upstream,
                         };
                         (ending, Some(from))
                     }
-                    (From::Client, Event::Ended) => (Ending::Client, None),
-                    (From::Upstream, Event::Ended) => (Ending::Upstream, None),
+                    (Side::Client, Event::Ended) => (Ending::Client, None),
+                    (Side::Upstream, Event::Ended) => (Ending::Upstream, None),
                     (_, Event::Frames(Stop::TooBig)) => (Ending::TooBig, None),
-                    (From::Client, Event::Frames(Stop::Invalid)) => (Ending::Invalid, None),
-                    (From::Upstream, Event::Frames(Stop::Invalid)) | (_, Event::Failed) => {
+                    (Side::Client, Event::Frames(Stop::Invalid)) => (Ending::Invalid, None),
+                    (Side::Upstream, Event::Frames(Stop::Invalid)) | (_, Event::Failed) => {
                         (Ending::Error, None)
                     }
                 };
             }
             Step::Expired => break (Ending::TokenExpired, None),
             Step::Shutdown => break (Ending::Shutdown, None),
-            Step::Quiet => {
+            Step::IdleCheck => {
                 let quiet_until = sockets.activity + idle_timeout;
                 if quiet_until <= Instant::now() {
                     break (Ending::Idle, None);
@@ -665,13 +665,13 @@ async fn relay(
         // (or its end, or the grace runs out), then both connections end.
         Some(from) => {
             let answer = std::future::poll_fn(|cx| match from {
-                From::Client => sockets.down.poll_pump(
+                Side::Client => sockets.down.poll_pump(
                     cx,
                     &mut sockets.upstream,
                     &mut sockets.client,
                     &mut sockets.activity,
                 ),
-                From::Upstream => sockets.up.poll_pump(
+                Side::Upstream => sockets.up.poll_pump(
                     cx,
                     &mut sockets.client,
                     &mut sockets.upstream,
