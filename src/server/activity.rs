@@ -50,6 +50,10 @@ pub struct Activity {
     /// HTTP/1.1 session that has no release timer armed.
     idle_notice: AtomicBool,
     went_idle: Notify,
+    /// Nothing watches the connection any more (its HTTP session ended, or handed the
+    /// stream to a WebSocket relay, which keeps its own time): reads and writes are no
+    /// longer accounted.
+    detached: AtomicBool,
 }
 
 impl Activity {
@@ -70,7 +74,17 @@ impl Activity {
             releasing: AtomicBool::new(false),
             idle_notice: AtomicBool::new(false),
             went_idle: Notify::new(),
+            detached: AtomicBool::new(false),
         }
+    }
+
+    /// Stops the accounting of reads and writes: nothing watches the connection any more.
+    pub fn detach(&self) {
+        self.detached.store(true, Ordering::Relaxed);
+    }
+
+    fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {
@@ -296,6 +310,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
             self.unread.advance(n);
             return Poll::Ready(Ok(()));
         }
+        if self.activity.is_detached() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -312,7 +329,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.activity.write_result(&result);
+        if !self.activity.is_detached() {
+            self.activity.write_result(&result);
+        }
         result
     }
 
@@ -322,7 +341,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.activity.write_result(&result);
+        if !self.activity.is_detached() {
+            self.activity.write_result(&result);
+        }
         result
     }
 

@@ -160,6 +160,8 @@ pub async fn serve<IO: Transport, H: Handler>(
         // The watch is boxed too: an idle connection holds neither it nor the session.
         let watched = Box::pin(watch(session.as_mut(), &activity, &ctx, true)).await;
         if watched != Outcome::Released {
+            // An upgraded stream lives on in its relay, which keeps its own time.
+            activity.detach();
             return;
         }
         // Only a session that was not upgraded can be released.
