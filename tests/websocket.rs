@@ -163,15 +163,22 @@ async fn hello(client: &mut Client) -> Value {
 async fn relayed(extra: &str) -> (TestGateway, Client, Seen) {
     let (upstream, seen) = ws_upstream().await;
     let gw = ws_gateway(upstream, extra, Default::default()).await;
+    let client = opened(&gw, "a").await;
+    (gw, client, seen)
+}
+
+/// A client connected through `gw` to workflow `workflow` with a valid token, past the
+/// upstream's greeting.
+async fn opened(gw: &TestGateway, workflow: &str) -> Client {
     let (mut client, _) = connect(
-        &gw,
-        &format!("/ws/workflow/a?token={}", token_with(600)),
+        gw,
+        &format!("/ws/workflow/{workflow}?token={}", token_with(600)),
         &[],
     )
     .await
     .unwrap();
     hello(&mut client).await;
-    (gw, client, seen)
+    client
 }
 
 async fn close_frame(client: &mut Client, within: Duration) -> Option<CloseFrame> {
@@ -348,14 +355,7 @@ async fn text_binary_large_messages_and_close_codes_both_ways() {
         .await
     );
     // The upstream closes: the client sees its code and reason.
-    let (mut client, _) = connect(
-        &gw,
-        &format!("/ws/workflow/b?token={}", token_with(600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    hello(&mut client).await;
+    let mut client = opened(&gw, "b").await;
     client.send(Message::text("close-me")).await.unwrap();
     let frame = close_frame(&mut client, Duration::from_secs(3))
         .await
@@ -465,21 +465,7 @@ async fn a_revoked_service_token_closes_its_connection() {
 
 #[tokio::test]
 async fn idle_connections_close_with_1001() {
-    let (upstream, _) = ws_upstream().await;
-    let gw = ws_gateway(
-        upstream,
-        "limits: {websocket_idle_timeout: 1s}\n",
-        Default::default(),
-    )
-    .await;
-    let (mut client, _) = connect(
-        &gw,
-        &format!("/ws/workflow/a?token={}", token_with(600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    hello(&mut client).await;
+    let (_gw, mut client, _) = relayed("limits: {websocket_idle_timeout: 1s}\n").await;
     let started = Instant::now();
     let frame = close_frame(&mut client, Duration::from_secs(5))
         .await
@@ -494,21 +480,7 @@ async fn idle_connections_close_with_1001() {
 
 #[tokio::test]
 async fn shutdown_closes_websockets_with_1001_within_the_grace() {
-    let (upstream, _) = ws_upstream().await;
-    let mut gw = ws_gateway(
-        upstream,
-        "limits: {shutdown_grace: 5s}\n",
-        Default::default(),
-    )
-    .await;
-    let (mut client, _) = connect(
-        &gw,
-        &format!("/ws/workflow/a?token={}", token_with(600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    hello(&mut client).await;
+    let (mut gw, mut client, _) = relayed("limits: {shutdown_grace: 5s}\n").await;
     let started = Instant::now();
     let closing =
         tokio::spawn(async move { close_frame(&mut client, Duration::from_secs(5)).await });
