@@ -9,7 +9,7 @@ use http::HeaderMap;
 
 use crate::config::{AuthMode, Config, Route};
 use crate::metrics::Metrics;
-use crate::store::{hash_secret, TokenStore};
+use crate::store::{hash_secret, hex, secret_digest, TokenStore};
 use crate::time::Timestamp;
 
 pub mod assertion;
@@ -40,12 +40,6 @@ struct BootstrapToken {
     dotted: bool,
     scopes: BTreeSet<String>,
     expires_at: Option<Timestamp>,
-}
-
-fn digest(text: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
-    out
 }
 
 /// Equality of two digests without an early exit, so timing reveals nothing.
@@ -130,7 +124,7 @@ impl Authenticator {
             .as_ref()
             .filter(|t| !t.expose().is_empty())
             .map(|token| BootstrapToken {
-                digest: digest(token.expose()),
+                digest: secret_digest(token.expose()),
                 dotted: token.expose().contains('.'),
                 scopes: auth.bootstrap.scopes.0.iter().cloned().collect(),
                 expires_at: auth.bootstrap.expires_at,
@@ -285,8 +279,8 @@ impl Authenticator {
         let dotted = token.contains('.');
         // The token's SHA-256, when something needs it: the comparison with the bootstrap
         // token, and the service-token lookup (its hex). Computed once.
-        let hashed =
-            (!dotted || self.bootstrap.as_ref().is_some_and(|b| b.dotted)).then(|| digest(token));
+        let hashed = (!dotted || self.bootstrap.as_ref().is_some_and(|b| b.dotted))
+            .then(|| secret_digest(token));
         let is_bootstrap = match (&self.bootstrap, &hashed) {
             (Some(bootstrap), Some(hashed)) => constant_time_eq(&bootstrap.digest, hashed),
             _ => false,
@@ -305,7 +299,7 @@ impl Authenticator {
                 AuthMethod::Bootstrap => self.bootstrap_identity(client_ip),
                 // Service tokens are base64url and never contain a dot; JWTs always do.
                 AuthMethod::ServiceToken => {
-                    let hash = crate::store::hex(&hashed.unwrap_or_else(|| digest(token)));
+                    let hash = hex(&hashed.unwrap_or_else(|| secret_digest(token)));
                     self.service_token(&hash).await
                 }
                 _ if self.jwt.has_sources() => {

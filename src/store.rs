@@ -390,7 +390,15 @@ impl TokenStore for MemoryStore {
 /// SHA-256 of a token, lowercase hex: how secrets are stored and looked up. Runs on every
 /// service-token request: one allocation, no formatting machinery.
 pub fn hash_secret(secret: &str) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+    hex(&secret_digest(secret))
+}
+
+/// SHA-256 of a token: [`hash_secret`] before hex, and how the bootstrap token is
+/// compared (in constant time, on digests).
+pub fn secret_digest(secret: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref());
+    out
 }
 
 /// Lowercase hex of `bytes` (a secret's SHA-256 as [`hash_secret`] writes it).
