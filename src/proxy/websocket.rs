@@ -436,6 +436,15 @@ enum Side {
     Upstream,
 }
 
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+}
+
 /// What woke the relay's loop.
 enum Step {
     /// A direction stopped.
@@ -465,6 +474,16 @@ struct Sockets {
 impl Sockets {
     /// Pumps both directions until one of them stops.
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<(Side, Event)> {
+        for side in [Side::Client, Side::Upstream] {
+            if let Poll::Ready(event) = self.poll_from(cx, side) {
+                return Poll::Ready((side, event));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Pumps what `side` sends to the other side, until it stops.
+    fn poll_from(&mut self, cx: &mut Context<'_>, side: Side) -> Poll<Event> {
         let Sockets {
             client,
             upstream,
@@ -472,13 +491,10 @@ impl Sockets {
             down,
             activity,
         } = self;
-        if let Poll::Ready(event) = up.poll_pump(cx, client, upstream, activity) {
-            return Poll::Ready((Side::Client, event));
+        match side {
+            Side::Client => up.poll_pump(cx, client, upstream, activity),
+            Side::Upstream => down.poll_pump(cx, upstream, client, activity),
         }
-        if let Poll::Ready(event) = down.poll_pump(cx, upstream, client, activity) {
-            return Poll::Ready((Side::Upstream, event));
-        }
-        Poll::Pending
     }
 
     /// Ends a connection the gateway itself closes: what is already on its way to each
@@ -508,7 +524,7 @@ async fn finish(to: &mut TokioIo<Upgraded>, direction: &mut Direction, close: Op
         return;
     }
     if let Some(close) = close.filter(|_| direction.frames.between_frames()) {
-        if pump::write_all(to, close).await.is_err() {
+        if to.write_all(close).await.is_err() || to.flush().await.is_err() {
             return;
         }
     }
@@ -664,49 +680,27 @@ async fn relay(
         // A side's close frame went to the other side: the other side's answer goes back
         // (or its end, or the grace runs out), then both connections end.
         Some(from) => {
-            let answer = std::future::poll_fn(|cx| match from {
-                Side::Client => sockets.down.poll_pump(
-                    cx,
-                    &mut sockets.upstream,
-                    &mut sockets.client,
-                    &mut sockets.activity,
-                ),
-                Side::Upstream => sockets.up.poll_pump(
-                    cx,
-                    &mut sockets.client,
-                    &mut sockets.upstream,
-                    &mut sockets.activity,
-                ),
-            });
+            let answer = std::future::poll_fn(|cx| sockets.poll_from(cx, from.other()));
             let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
             sockets.close(None, None).await;
         }
         None => {
-            let (to_client, to_upstream) = match ending.close_frame() {
-                Some(frame) => {
-                    close_code = Some(u16::from(frame.code));
-                    let to_upstream =
-                        if matches!(ending, Ending::TokenExpired | Ending::TokenRevoked) {
-                            frame.clone()
-                        } else {
-                            CloseFrame {
-                                code: CloseCode::Away,
-                                reason: "client connection ended".into(),
-                            }
-                        };
-                    (Some(frame), Some(to_upstream))
+            let frame = ending.close_frame();
+            close_code = frame.as_ref().map(|f| u16::from(f.code));
+            // The upstream hears why only when the credential ended.
+            let for_upstream = frame.as_ref().map(|frame| {
+                if matches!(ending, Ending::TokenExpired | Ending::TokenRevoked) {
+                    frame.clone()
+                } else {
+                    CloseFrame {
+                        code: CloseCode::Away,
+                        reason: "client connection ended".into(),
+                    }
                 }
-                None => (None, None),
-            };
-            // A side that ended without a close frame: the other gets a bare one.
-            let to_client = match ending {
-                Ending::Client => None,
-                _ => Some(close_bytes(to_client, false)),
-            };
-            let to_upstream = match ending {
-                Ending::Upstream => None,
-                _ => Some(close_bytes(to_upstream, true)),
-            };
+            });
+            // A side that ended without a close frame gets none; the other gets a bare one.
+            let to_client = (ending != Ending::Client).then(|| close_bytes(frame, false));
+            let to_upstream = (ending != Ending::Upstream).then(|| close_bytes(for_upstream, true));
             sockets
                 .close(to_client.as_deref(), to_upstream.as_deref())
                 .await;
@@ -729,3 +723,4 @@ async fn relay(
         "websocket closed"
     );
 }
+

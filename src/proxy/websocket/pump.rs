@@ -4,13 +4,12 @@
 //! the receiving side is slower than the sending one. An idle relay holds no buffer.
 
 use std::cell::RefCell;
-use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::time::Instant;
 
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 use super::frames::{Frames, Stop, MAX_HEADER};
 
@@ -195,16 +194,6 @@ impl Direction {
         self.reported = true;
         Poll::Ready(event)
     }
-}
-
-/// Writes `bytes` in full and flushes.
-pub async fn write_all<W>(to: &mut W, bytes: &[u8]) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncWriteExt;
-    to.write_all(bytes).await?;
-    to.flush().await
 }
 
 #[cfg(test)]
