@@ -724,3 +724,64 @@ async fn relay(
     );
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::headers;
+
+    #[test]
+    fn an_upstream_101_is_checked_against_the_handshake_sent() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let accept = derive_accept_key(key.as_bytes());
+        let offer = Offer {
+            forwarded: vec!["chat".into()],
+            orcheo_auth: false,
+        };
+        let good = [
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-accept", accept.as_str()),
+        ];
+        assert_eq!(check_answer(&headers(&good), key, &offer), Ok(()));
+        let chosen = [
+            ("upgrade", "websocket"),
+            ("sec-websocket-accept", accept.as_str()),
+            ("sec-websocket-protocol", "chat"),
+        ];
+        assert_eq!(check_answer(&headers(&chosen), key, &offer), Ok(()));
+        let bad: [(&str, Vec<(&str, &str)>); 4] = [
+            (
+                "no upgrade",
+                vec![("sec-websocket-accept", accept.as_str())],
+            ),
+            (
+                "wrong accept",
+                vec![
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-accept", "d3Jvbmc="),
+                ],
+            ),
+            (
+                "an extension",
+                vec![
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-accept", accept.as_str()),
+                    ("sec-websocket-extensions", "permessage-deflate"),
+                ],
+            ),
+            (
+                "a subprotocol not offered",
+                vec![
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-accept", accept.as_str()),
+                    ("sec-websocket-protocol", "other"),
+                ],
+            ),
+        ];
+        for (what, answer) in bad {
+            assert!(
+                check_answer(&headers(&answer), key, &offer).is_err(),
+                "{what}"
+            );
+        }
+    }
+}
