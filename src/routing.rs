@@ -118,14 +118,8 @@ pub struct CompiledRoute<T> {
 }
 
 impl<T> CompiledRoute<T> {
-    /// The path to send upstream: the normalised path without `strip_prefix`.
-    pub fn upstream_path(&self, path: &NormalizedPath) -> String {
-        let mut out = String::with_capacity(64);
-        self.push_upstream_path(path, &mut out);
-        out
-    }
-
-    /// Appends [`Self::upstream_path`] to `out`.
+    /// Appends the path to send upstream to `out`: the normalised path without
+    /// `strip_prefix`.
     pub fn push_upstream_path(&self, path: &NormalizedPath, out: &mut String) {
         let strips = path.starts_with(&self.strip);
         path.encode_into(if strips { self.strip.len() } else { 0 }, out);
