@@ -310,12 +310,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
             self.unread.advance(n);
             return Poll::Ready(Ok(()));
         }
-        if self.activity.is_detached() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        if matches!(result, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && !self.activity.is_detached()
+        {
             self.activity.read(&buf.filled()[before..]);
         }
         result
