@@ -312,10 +312,13 @@ impl Authenticator {
         };
         match &result {
             Ok(identity) => {
-                self.metrics
-                    .auth_attempts
-                    .with_label_values(&[method.as_str(), "success", "ok"])
-                    .inc();
+                let successes = &self.metrics.auth_successes;
+                match method {
+                    AuthMethod::Jwt => successes.jwt.inc(),
+                    AuthMethod::ServiceToken => successes.service_token.inc(),
+                    AuthMethod::Bootstrap => successes.bootstrap.inc(),
+                    AuthMethod::None => {}
+                }
                 if self.sensitive_debug {
                     tracing::debug!(
                         method = method.as_str(),

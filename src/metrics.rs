@@ -35,6 +35,9 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     /// `auth_attempts_total{method,result,code}`.
     pub auth_attempts: IntCounterVec,
+    /// `auth_attempts_total{method,result="success",code="ok"}` for each method, resolved
+    /// once: every authenticated request counts one.
+    pub auth_successes: AuthSuccesses,
     /// `auth_enforced`: 1 when authentication is enforced.
     pub auth_enforced: IntGauge,
     /// `jwks_refresh_total{result}`.
@@ -69,6 +72,28 @@ pub struct Metrics {
     /// Per worker, the request metrics' handles its last request used (see
     /// [`Metrics::observe_request`]).
     recent: Arc<[Mutex<Option<Recent>>]>,
+}
+
+/// The success counters of [`Metrics::auth_attempts`], one per method that authenticates.
+#[derive(Clone)]
+pub struct AuthSuccesses {
+    /// `method="jwt"`.
+    pub jwt: IntCounter,
+    /// `method="service_token"`.
+    pub service_token: IntCounter,
+    /// `method="bootstrap"`.
+    pub bootstrap: IntCounter,
+}
+
+impl AuthSuccesses {
+    fn of(attempts: &IntCounterVec) -> Self {
+        let success = |method| attempts.with_label_values(&[method, "success", "ok"]);
+        AuthSuccesses {
+            jwt: success("jwt"),
+            service_token: success("service_token"),
+            bootstrap: success("bootstrap"),
+        }
+    }
 }
 
 /// Slots of [`Metrics::recent`]; workers beyond share them (a slot is a cache: sharing
@@ -290,6 +315,7 @@ impl Metrics {
         }
         Metrics {
             recent: (0..RECENT_SLOTS).map(|_| Mutex::new(None)).collect(),
+            auth_successes: AuthSuccesses::of(&auth_attempts),
             registry,
             requests,
             request_duration,
