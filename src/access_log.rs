@@ -41,6 +41,9 @@ enum Target {
     Uri(Uri),
     /// The request a check describes (forward-auth).
     Described(String, Option<String>),
+    /// Not kept: the access log was off when the request arrived (a reload that turns it
+    /// on shows the requests then in flight with `-` for a path).
+    Unlogged,
 }
 
 /// What the access log and the request metrics record about one request.
@@ -61,12 +64,11 @@ pub struct AccessRecord {
 impl AccessRecord {
     /// Starts a record for `request`.
     pub fn new<B>(request: &Request<B>, client_ip: IpAddr, request_id: &HeaderValue) -> Self {
-        Self::start(
-            request.method(),
-            Target::Uri(request.uri().clone()),
-            client_ip,
-            request_id,
-        )
+        let target = match logging_requests() {
+            true => Target::Uri(request.uri().clone()),
+            false => Target::Unlogged,
+        };
+        Self::start(request.method(), target, client_ip, request_id)
     }
 
     /// Starts a record for a request known by its parts (a gRPC check describes one).
@@ -114,7 +116,7 @@ impl AccessRecord {
             status.as_u16(),
             elapsed.as_secs_f64(),
         );
-        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        if !logging_requests() {
             return;
         }
         let identity = self.identity.as_deref();
@@ -138,12 +140,18 @@ impl AccessRecord {
     }
 }
 
+/// Whether access lines are written (the `access` target at `info`).
+fn logging_requests() -> bool {
+    tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
 /// The path and query, credential values redacted.
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (path, query) = match self {
             Target::Uri(uri) => (uri.path(), uri.query()),
             Target::Described(path, query) => (path.as_str(), query.as_deref()),
+            Target::Unlogged => return f.write_str("-"),
         };
         f.write_str(&redact_target(path, query))
     }
