@@ -105,19 +105,24 @@ fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     }
     if connection {
         // `close`, `keep-alive`, `upgrade`: the usual tokens name nothing else to remove
-        // (and are not turned into header names, which would cost an allocation each);
-        // with only those, the list stays empty and unallocated.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
+        // (and are not turned into header names, which would cost an allocation each).
+        // A `Connection` that is one usual token, as nearly every one is, is not split.
+        let values = headers.get_all(header::CONNECTION);
+        if !values
             .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            .filter(|token| !is_usual_connection_token(token))
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+            .all(|value| is_usual_connection_token(value.as_bytes()))
+        {
+            let named: Vec<HeaderName> = values
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(','))
+                .map(str::trim)
+                .filter(|token| !is_usual_connection_token(token.as_bytes()))
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
         }
         headers.remove(header::CONNECTION);
     }
@@ -134,8 +139,8 @@ fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
 }
 
 /// Connection tokens that are options, or headers removed anyway.
-fn is_usual_connection_token(token: &str) -> bool {
-    ["close", "keep-alive", "upgrade", "te", ""]
+fn is_usual_connection_token(token: &[u8]) -> bool {
+    [&b"keep-alive"[..], b"close", b"upgrade", b"te", b""]
         .iter()
         .any(|usual| token.eq_ignore_ascii_case(usual))
 }
@@ -345,6 +350,15 @@ mod tests {
         assert_eq!(names(&headers), ["content-type"]);
         // The usual case: only `Connection` with a usual token.
         let mut headers = map(&[("connection", "keep-alive"), ("server", "up")]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["server"]);
+        // A usual token in one value does not spare what another value names.
+        let mut headers = map(&[
+            ("connection", "Keep-Alive"),
+            ("connection", "x-a"),
+            ("x-a", "1"),
+            ("server", "up"),
+        ]);
         strip_hop_by_hop(&mut headers);
         assert_eq!(names(&headers), ["server"]);
     }
