@@ -198,6 +198,9 @@ impl Activity {
     }
 
     fn write_result(&self, result: &Poll<io::Result<usize>>) {
+        if self.is_detached() {
+            return;
+        }
         self.write_blocked
             .store(result.is_pending(), Ordering::Relaxed);
         if matches!(result, Poll::Ready(Ok(n)) if *n > 0) {
@@ -208,6 +211,9 @@ impl Activity {
     /// Bytes were read: the first ones tell the protocol, and on an idle connection they
     /// start the next request head.
     fn read(&self, bytes: &[u8]) {
+        if self.is_detached() {
+            return;
+        }
         if !self.read_any.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
             self.http2.store(true, Ordering::Relaxed);
         }
@@ -312,10 +318,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         }
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(())))
-            && buf.filled().len() > before
-            && !self.activity.is_detached()
-        {
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.read(&buf.filled()[before..]);
         }
         result
@@ -329,9 +332,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if !self.activity.is_detached() {
-            self.activity.write_result(&result);
-        }
+        self.activity.write_result(&result);
         result
     }
 
@@ -341,9 +342,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if !self.activity.is_detached() {
-            self.activity.write_result(&result);
-        }
+        self.activity.write_result(&result);
         result
     }
 
