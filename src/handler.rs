@@ -104,7 +104,7 @@ async fn forward(
     let timeout = route.config.timeout.map_or(upstream.timeout(), |t| t.get());
     let query = query::without_credentials(request.uri().query());
     let uri = upstream.uri(|out| route.push_upstream_path(path, out), query.as_deref())?;
-    rewrite_headers(ctx, &mut request, caller, upstream.name())?;
+    rewrite_headers(ctx, &mut request, caller, upstream)?;
     if websocket {
         // Boxed: the upgrade's state (connect, handshake, relay setup) is large and rare;
         // inline, every plain request's future would carry its space.
@@ -211,11 +211,15 @@ fn rewrite_headers(
     ctx: &RequestContext<'_>,
     request: &mut Request<Incoming>,
     caller: &Caller,
-    upstream: &str,
+    upstream: &UpstreamClient,
 ) -> Result<(), GatewayError> {
     let snapshot = ctx.snapshot;
-    // HTTP/2 carries the host in `:authority`; the upstream speaks HTTP/1.1 and needs `Host`.
-    let host = request.headers().get(HOST).cloned().or_else(|| {
+    // The client's `Host` stays as it came. HTTP/2 carries the host in `:authority`; the
+    // upstream speaks HTTP/1.1 and needs `Host`, so that is set from it, or, with
+    // neither, the upstream's own.
+    let sent_host = request.headers().get(HOST).cloned();
+    let host_sent = sent_host.is_some();
+    let host = sent_host.or_else(|| {
         let authority = request.uri().authority()?;
         HeaderValue::from_str(authority.as_str()).ok()
     });
@@ -228,8 +232,9 @@ fn rewrite_headers(
     // instead of the map growing several times on the way.
     headers.reserve(ADDED_HEADERS);
     headers::strip_inbound(headers, &snapshot.identity_headers, peer_trusted);
-    if let Some(host) = &host {
-        headers.insert(HOST, host.clone());
+    if !host_sent {
+        let value = host.as_ref().unwrap_or(upstream.host_header());
+        headers.insert(HOST, value.clone());
     }
     let forwarding = Forwarding {
         peer: ctx.conn.peer.ip(),
@@ -240,7 +245,7 @@ fn rewrite_headers(
         request_id: &ctx.request_id,
     };
     headers::set_forwarding(headers, &forwarding);
-    identify(ctx, headers, caller, upstream)?;
+    identify(ctx, headers, caller, upstream.name())?;
     forward_credential(ctx, headers, caller)
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
-use http::{header, HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -219,9 +219,9 @@ impl UpstreamClient {
             .map_err(|_| GatewayError::InvalidRequest("Request target is not valid".into()))
     }
 
-    /// Sends `request` (already rewritten) and returns the upstream's response with its
-    /// body streaming. `timeout` bounds the wait for the response head (connecting
-    /// included) and every pause in the response body.
+    /// Sends `request` (already rewritten, `Host` included) and returns the upstream's
+    /// response with its body streaming. `timeout` bounds the wait for the response head
+    /// (connecting included) and every pause in the response body.
     pub async fn send(
         &self,
         mut request: Request<Incoming>,
@@ -230,11 +230,6 @@ impl UpstreamClient {
     ) -> Result<Response<Body>, GatewayError> {
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
-        if !request.headers().contains_key(header::HOST) {
-            request
-                .headers_mut()
-                .insert(header::HOST, self.host_header.clone());
-        }
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, self.exchange(request)).await;
         self.duration.observe(started.elapsed().as_secs_f64());

@@ -610,3 +610,24 @@ async fn many_small_exchanges_on_one_client_connection_reuse_one_upstream_connec
     }
     assert_eq!(up.accepted(), 1, "one upstream connection for them all");
 }
+
+#[tokio::test]
+async fn a_request_without_host_reaches_the_upstream_with_the_upstreams_own() {
+    let up = echo_upstream().await;
+    let gw = gateway(&yaml(&up.url(), "routes: [{name: api, path: '/api/**'}]\n")).await;
+    let answer = raw(
+        gw.http,
+        b"GET /api/x HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    let echo = json(&Bytes::copy_from_slice(body.as_bytes()));
+    let authority = up.url().trim_start_matches("http://").to_string();
+    assert_eq!(echo["headers"]["host"][0], authority.as_str());
+    assert!(
+        echo["headers"].get("x-forwarded-host").is_none(),
+        "no original host to report: {echo}"
+    );
+}
