@@ -231,7 +231,7 @@ impl UpstreamClient {
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, self.exchange(request)).await;
+        let result = tokio::time::timeout(timeout, self.exchange(request, started)).await;
         self.duration.observe(started.elapsed().as_secs_f64());
         let mut response = match result {
             Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
@@ -247,8 +247,9 @@ impl UpstreamClient {
     async fn exchange(
         &self,
         request: Request<Incoming>,
+        now: Instant,
     ) -> Result<Response<Returning>, GatewayError> {
-        let request = match self.pool.checkout() {
+        let request = match self.pool.checkout(now) {
             Checkout::Reused(mut sender) => match pool::send(&mut sender, request).await {
                 Ok(response) => return Ok(self.returning(response, sender)),
                 Err((_, Some(request))) => request,

@@ -70,11 +70,11 @@ impl Pool {
         crate::worker::current() % self.slots.len()
     }
 
-    /// The calling worker's most recently used live connection, if any.
-    pub fn checkout(&self) -> Checkout {
+    /// The calling worker's most recently used live connection, if any, as of `now`.
+    pub fn checkout(&self, now: Instant) -> Checkout {
         let mut slot = lock(&self.slots[self.index()]);
         while let Some(idle) = slot.idle.pop() {
-            if idle.since.elapsed() < IDLE_TIMEOUT && idle.sender.is_ready() {
+            if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT && idle.sender.is_ready() {
                 return Checkout::Reused(idle.sender);
             }
             // Closed by the upstream, mid-exchange, or too old to trust: dropping the
