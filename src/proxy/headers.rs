@@ -162,6 +162,10 @@ pub struct IdentityHeaderNames {
     pub auth_method: HeaderName,
     /// The signed identity assertion.
     pub assertion: HeaderName,
+    /// Bit `len % 64` set for the length of every name: a name whose length is not here
+    /// is none of them (nor one of their `_` spellings, of the same length), decided
+    /// without comparing text — most inbound names are not identity headers.
+    lengths: u64,
 }
 
 impl IdentityHeaderNames {
@@ -172,7 +176,7 @@ impl IdentityHeaderNames {
                 .map_err(|_| format!("`{text}` is not a valid header name"))
         };
         let headers = &identity.headers;
-        Ok(IdentityHeaderNames {
+        let mut names = IdentityHeaderNames {
             subject: name(&headers.subject)?,
             identity_type: name(&headers.identity_type)?,
             token_id: name(&headers.token_id)?,
@@ -180,13 +184,22 @@ impl IdentityHeaderNames {
             workspaces: name(&headers.workspaces)?,
             auth_method: name(&headers.auth_method)?,
             assertion: name(&identity.assertion.header)?,
-        })
+            lengths: 0,
+        };
+        names.lengths = names
+            .all()
+            .iter()
+            .fold(0, |bits, name| bits | length_bit(name.as_str()));
+        Ok(names)
     }
 
     /// Whether an inbound header is one of these (stripped from every request). A name
     /// that equals one once `_` is read as `-` (`X_Orcheo_Subject`) is too: WSGI and CGI
     /// upstreams merge the two spellings into one variable.
     pub fn names(&self, name: &HeaderName) -> bool {
+        if self.lengths & length_bit(name.as_str()) == 0 {
+            return false;
+        }
         let all = self.all();
         all.contains(&name)
             || (name.as_str().contains('_') && {
@@ -207,6 +220,10 @@ impl IdentityHeaderNames {
             &self.assertion,
         ]
     }
+}
+
+fn length_bit(name: &str) -> u64 {
+    1 << (name.len() % 64)
 }
 
 /// Sets the identity headers (all but the assertion). An anonymous identity gets only the
@@ -306,8 +323,11 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         .cloned()
         .unwrap_or_else(|| {
             let mut text = [0u8; uuid::fmt::Simple::LENGTH];
-            let id = uuid::Uuid::new_v4().simple().encode_lower(&mut text);
-            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown"))
+            uuid::Uuid::new_v4().simple().encode_lower(&mut text);
+            // Owned by the value: one allocation, and its clones (access record,
+            // upstream request, response) share it by reference count.
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+                .unwrap_or(HeaderValue::from_static("unknown"))
         })
 }
 
@@ -364,6 +384,24 @@ mod tests {
     }
 
     #[test]
+    fn a_request_id_is_the_clients_when_short_and_printable_else_a_new_one() {
+        let kept = request_id(&map(&[("x-request-id", "abc-123")]));
+        assert_eq!(kept, "abc-123");
+        for sent in ["", "has space", &"x".repeat(129)] {
+            let new = request_id(&map(&[("x-request-id", sent)]));
+            assert_ne!(new, sent);
+            assert_eq!(new.len(), 32);
+        }
+        let new = request_id(&HeaderMap::new());
+        let text = new.to_str().unwrap();
+        assert!(text
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(new.clone(), new, "clones share the same text");
+        assert_ne!(request_id(&HeaderMap::new()), new);
+    }
+
+    #[test]
     fn inbound_identity_and_proxy_only_headers_are_removed_from_untrusted_peers() {
         let identity =
             IdentityHeaderNames::from_config(&config::IdentitySettings::default()).unwrap();
@@ -379,6 +417,13 @@ mod tests {
         let mut untrusted = map(&sent);
         strip_inbound(&mut untrusted, &identity, false);
         assert_eq!(names(&untrusted), ["accept"]);
+        for name in identity.all() {
+            let underscored = HeaderName::from_bytes(name.as_str().replace('-', "_").as_bytes());
+            assert!(identity.names(name) && identity.names(&underscored.unwrap()));
+        }
+        let longer = HeaderName::from_static("x-orcheo-subjects");
+        let padded = HeaderName::from_bytes(&[b'x'; 80]).unwrap();
+        assert!(!identity.names(&longer) && !identity.names(&padded));
         let mut trusted = map(&sent);
         strip_inbound(&mut trusted, &identity, true);
         assert_eq!(
