@@ -5,14 +5,16 @@
 # 2 threads), (4) through the floor of this stack (`benches/hyper_floor.rs`: the least a
 # hyper proxy built like the gateway does, with nothing of the gateway's own), and (5)
 # through this gateway (public route, HS256 JWT, RS256 JWT, service token), and (6)
-# nginx and the gateway terminating TLS 1.3 (ECDSA P-256 certificate),
+# nginx, the floor and the gateway terminating TLS 1.3 (ECDSA P-256 certificate),
 # kept-alive and with a new connection per request. Every target runs once per round,
 # rounds interleaved, so the machine's drift hits all alike; each line shows requests/s,
 # p50/p99, the ratio to nginx in that round (plain rows to nginx `proxy_pass`, TLS rows to
 # nginx over TLS the same way) and the proxy's own CPU µs per request (utime+stime from
 # /proc). Then WebSocket echo messages/s through nginx and through the gateway (32
 # connections, one message in flight each), and the RSS each proxy spends per idle
-# keep-alive connection and per idle WebSocket (N open, held). Only 127.0.0.1 is
+# keep-alive connection (beside a bare hyper server answering by itself, and the floor,
+# which keeps an upstream connection per client connection) and per idle WebSocket
+# (N open, held). Only 127.0.0.1 is
 # targeted; every process started here is stopped by PID.
 #
 #   bash benches/proxy_load.sh                     # 3 rounds of 5 s, 5 000 idle connections
@@ -27,7 +29,8 @@ HOLD=${HOLD:-20}
 BASE=${BASE_PORT:-18700}
 UPSTREAM=$BASE; NGINX=$((BASE + 1)); HAPROXY=$((BASE + 2)); GATEWAY=$((BASE + 3))
 ADMIN=$((BASE + 4)); NGINX_TLS=$((BASE + 5)); GATEWAY_TLS=$((BASE + 6)); WS_ECHO=$((BASE + 7))
-GATEWAY_RL=$((BASE + 8)); ADMIN_RL=$((BASE + 9)); FLOOR=$((BASE + 10))
+GATEWAY_RL=$((BASE + 8)); ADMIN_RL=$((BASE + 9)); FLOOR=$((BASE + 10)); FLOOR_TLS=$((BASE + 11))
+SERVER_ONLY=$((BASE + 12))
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 WS_CONNECTIONS=${WS_CONNECTIONS:-32}
 
@@ -145,10 +148,17 @@ start_haproxy() {
 }
 start_haproxy
 
-# The floor: a minimal hyper proxy, one worker per CPU like the gateway.
-"$FLOOR_BENCH" "127.0.0.1:$FLOOR" "127.0.0.1:$UPSTREAM" >/dev/null 2>&1 &
-floor_pid=$!
-pids+=("$floor_pid")
+# The floor: a minimal hyper proxy, one worker per CPU like the gateway; a second one
+# terminating TLS with the same certificate (rustls, as the gateway).
+start_floor() {
+  "$FLOOR_BENCH" "127.0.0.1:$FLOOR" "127.0.0.1:$UPSTREAM" "$(nproc)" >/dev/null 2>&1 &
+  floor_pid=$!
+  pids+=("$floor_pid")
+}
+start_floor
+"$FLOOR_BENCH" "127.0.0.1:$FLOOR_TLS" "127.0.0.1:$UPSTREAM" "$(nproc)" "$work/tls.crt" "$work/tls.key" >/dev/null 2>&1 &
+floor_tls_pid=$!
+pids+=("$floor_tls_pid")
 
 cat > "$work/gateway.yaml" <<CONF
 listen: {http: ["127.0.0.1:$GATEWAY"], https: ["127.0.0.1:$GATEWAY_TLS"]}
@@ -195,6 +205,7 @@ wait_ready() {
        && curl -sf "http://127.0.0.1:$NGINX/" >/dev/null 2>&1 \
        && curl -sf "http://127.0.0.1:$HAPROXY/" >/dev/null 2>&1 \
        && curl -sf "http://127.0.0.1:$FLOOR/" >/dev/null 2>&1 \
+       && curl -sfk "https://127.0.0.1:$FLOOR_TLS/" >/dev/null 2>&1 \
        && { [ -z "$rl_gateway_pid" ] || curl -sf "http://127.0.0.1:$ADMIN_RL/readyz" >/dev/null 2>&1; }; then break; fi
     sleep 0.2
   done
@@ -202,9 +213,10 @@ wait_ready() {
                "nginx|http://127.0.0.1:$NGINX/|$work/px/error.log" \
                "HAProxy|http://127.0.0.1:$HAPROXY/|$work/haproxy.log" \
                "hyper floor|http://127.0.0.1:$FLOOR/|/dev/null" \
+               "hyper floor TLS|https://127.0.0.1:$FLOOR_TLS/|/dev/null" \
                ${rl_gateway_pid:+"Redis-limited gateway|http://127.0.0.1:$ADMIN_RL/readyz|$work/gateway-rl.log"}; do
     IFS='|' read -r label url log <<<"$check"
-    if ! curl -sf "$url" >/dev/null 2>&1; then
+    if ! curl -sfk "$url" >/dev/null 2>&1; then
       echo "$label is not ready after 30 s ($url); its log:" >&2
       tail -20 "$log" >&2
       exit 1
@@ -244,6 +256,7 @@ run() {
 for target in "http://127.0.0.1:$NGINX" "http://127.0.0.1:$HAPROXY/hs" "http://127.0.0.1:$FLOOR" \
               "http://127.0.0.1:$GATEWAY/public" \
               "https://127.0.0.1:$NGINX_TLS" "https://127.0.0.1:$GATEWAY_TLS/public" \
+              "https://127.0.0.1:$FLOOR_TLS" \
               ${rl_gateway_pid:+"http://127.0.0.1:$GATEWAY_RL/auth"}; do
   wrk -t1 -c8 -d1s -H "Authorization: Bearer $HS_TOKEN" "$target/warm" >/dev/null
 done
@@ -264,8 +277,10 @@ cases=(
   "gateway, service token|http://127.0.0.1:$GATEWAY/auth/bench|$SERVICE_TOKEN||$gateway_pid|plain"
   "gateway, HS256, Redis-shared limits (vs HS256)|http://127.0.0.1:$GATEWAY_RL/auth/bench|$HS_TOKEN||${rl_gateway_pid:-skip}|hs"
   "nginx TLS proxy_pass, keep-alive|https://127.0.0.1:$NGINX_TLS/bench|||$nginx_pid|=tls"
+  "hyper floor TLS, keep-alive|https://127.0.0.1:$FLOOR_TLS/bench|||$floor_tls_pid|tls"
   "gateway TLS, HS256 JWT, keep-alive|https://127.0.0.1:$GATEWAY_TLS/auth/bench|$HS_TOKEN||$gateway_pid|tls"
   "nginx TLS proxy_pass, connection/request|https://127.0.0.1:$NGINX_TLS/bench||$close|$nginx_pid|=tlsnew"
+  "hyper floor TLS, connection/request|https://127.0.0.1:$FLOOR_TLS/bench||$close|$floor_tls_pid|tlsnew"
   "gateway TLS, HS256, connection/request|https://127.0.0.1:$GATEWAY_TLS/auth/bench|$HS_TOKEN|$close|$gateway_pid|tlsnew"
 )
 declare -A baseline
@@ -316,13 +331,19 @@ done
 # Memory figures come from fresh processes: after the load above, memory the proxies
 # freed would be reused by the idle connections and hide their cost.
 restart_proxies() {
-  for pid in "$nginx_pid" "$haproxy_pid" "$gateway_pid" $rl_gateway_pid; do kill "$pid" 2>/dev/null || true; done
-  for pid in "$nginx_pid" "$haproxy_pid" "$gateway_pid" $rl_gateway_pid; do wait "$pid" 2>/dev/null || true; done
+  for pid in "$nginx_pid" "$haproxy_pid" "$gateway_pid" "$floor_pid" $rl_gateway_pid; do kill "$pid" 2>/dev/null || true; done
+  for pid in "$nginx_pid" "$haproxy_pid" "$gateway_pid" "$floor_pid" $rl_gateway_pid; do wait "$pid" 2>/dev/null || true; done
   rl_gateway_pid=""
-  start_nginx; start_haproxy; start_gateway; wait_ready
+  start_nginx; start_haproxy; start_gateway; start_floor; wait_ready
 }
 restart_proxies
-for warm in "$NGINX/warm" "$HAPROXY/warm" "$GATEWAY/public/warm"; do curl -sf -o /dev/null "http://127.0.0.1:$warm"; done
+# And a hyper server answering by itself, nothing behind it: what an idle kept-alive
+# connection costs the stack before any proxying.
+"$FLOOR_BENCH" "127.0.0.1:$SERVER_ONLY" - "$(nproc)" >/dev/null 2>&1 &
+server_only_pid=$!
+pids+=("$server_only_pid")
+for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$SERVER_ONLY/" && break; sleep 0.1; done
+for warm in "$NGINX/warm" "$HAPROXY/warm" "$FLOOR/warm" "$SERVER_ONLY/warm" "$GATEWAY/public/warm"; do curl -sf -o /dev/null "http://127.0.0.1:$warm"; done
 
 # Idle keep-alive connections: IDLE connections, one request each, then held for HOLD s;
 # the proxy's RSS growth per connection, and how many are still open at the end.
@@ -363,7 +384,9 @@ PY
 echo
 echo "idle keep-alive connections: $IDLE, one request each, held ${HOLD} s"
 printf '%-28s %14s %18s\n' proxy "KiB per conn" "still open"
-for case in "nginx proxy_pass|$NGINX|$nginx_pid" "HAProxy|$HAPROXY|$haproxy_pid" "gateway|$GATEWAY|$gateway_pid"; do
+for case in "nginx proxy_pass|$NGINX|$nginx_pid" "HAProxy|$HAPROXY|$haproxy_pid" \
+            "hyper server alone|$SERVER_ONLY|$server_only_pid" \
+            "hyper floor (proxying)|$FLOOR|$floor_pid" "gateway|$GATEWAY|$gateway_pid"; do
   IFS='|' read -r label port pid <<<"$case"
   before=$(rss_kib "$pid")
   exec 3< <(hold_idle "$port")
