@@ -38,6 +38,7 @@ cd "$(dirname "$0")/.."
 
 source benches/common.sh
 install_missing wrk nginx haproxy
+command -v redis-cli >/dev/null 2>&1 || install_missing redis-tools
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --quiet
@@ -283,13 +284,25 @@ cases=(
   "hyper floor TLS, connection/request|https://127.0.0.1:$FLOOR_TLS/bench||$close|$floor_tls_pid|tlsnew"
   "gateway TLS, HS256, connection/request|https://127.0.0.1:$GATEWAY_TLS/auth/bench|$HS_TOKEN|$close|$gateway_pid|tlsnew"
 )
+# Commands the Redis server has processed so far (every client's), to show how many a
+# request through the Redis-shared gateway makes.
+redis_commands() {
+  redis-cli -u "$REDIS_URL" info stats 2>/dev/null | tr -d '\r' | sed -n 's/^total_commands_processed://p'
+}
+redis_notes=()
 declare -A baseline
 for round in $(seq "$ROUNDS"); do
   for case in "${cases[@]}"; do
     IFS='|' read -r label url token extra pid group <<<"$case"
     [ "$pid" = skip ] && continue
     before=0; [ "$pid" != "-" ] && before=$(cpu_ticks "$pid")
+    redis_before=""
+    [[ "$label" == *Redis* ]] && redis_before=$(redis_commands)
     read -r rps p50 p99 n < <(run "$url" "$token" "$extra")
+    if [ -n "$redis_before" ]; then
+      redis_after=$(redis_commands)
+      redis_notes+=("round $round: $((redis_after - redis_before)) Redis commands for $n requests")
+    fi
     cpu="-"
     if [ "$pid" != "-" ]; then
       after=$(cpu_ticks "$pid")
@@ -306,6 +319,10 @@ for round in $(seq "$ROUNDS"); do
     printf '%-5s %-42s %11s %8s %8s %9s %9s\n' "$round" "$label" "$rps" "$p50" "$p99" "$ratio" "$cpu"
   done
 done
+if [ ${#redis_notes[@]} -gt 0 ]; then
+  echo "Redis-shared limits (every command the Redis server processed meanwhile, any client's):"
+  printf '  %s\n' "${redis_notes[@]}"
+fi
 
 # WebSocket relay: echo messages/s, WS_CONNECTIONS connections with one message in flight
 # each, through nginx and through the gateway (HS256 JWT in the query), interleaved.
