@@ -231,7 +231,8 @@ impl UpstreamClient {
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, self.exchange(request, started)).await;
+        let deadline = deadline(started, timeout);
+        let result = tokio::time::timeout_at(deadline, self.exchange(request, started)).await;
         self.duration.observe(started.elapsed().as_secs_f64());
         let mut response = match result {
             Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
@@ -290,6 +291,17 @@ impl UpstreamClient {
     }
 }
 
+/// `timeout` after `start`, counted from an instant already read (no second clock read).
+/// A timeout too long to represent is thirty years, tokio's own "never".
+fn deadline(start: Instant, timeout: Duration) -> tokio::time::Instant {
+    const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
+    let start = tokio::time::Instant::from_std(start);
+    start
+        .checked_add(timeout)
+        .or_else(|| start.checked_add(NEVER))
+        .unwrap_or(start)
+}
+
 /// The error and its causes, for the log (hyper's top-level message alone is vague).
 fn describe(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -343,5 +355,22 @@ impl UpstreamSet {
     /// The upstream called `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<UpstreamClient>> {
         self.clients.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_counts_from_the_start_and_survives_any_timeout() {
+        let start = Instant::now();
+        let tokio_start = tokio::time::Instant::from_std(start);
+        assert_eq!(
+            deadline(start, Duration::from_secs(5)) - tokio_start,
+            Duration::from_secs(5)
+        );
+        let far = deadline(start, Duration::MAX) - tokio_start;
+        assert_eq!(far, Duration::from_secs(86_400 * 365 * 30));
     }
 }
