@@ -186,7 +186,7 @@ impl RateLimiter {
         let announced = self
             .redis
             .as_ref()
-            .and_then(|redis| redis.announced(&format!("{}:{key}", kind.as_str())));
+            .and_then(|redis| redis.announced(kind.as_str(), key));
         match local.max(announced) {
             Some(wait) => Err(self.refuse(kind, subject, wait, client_ip)),
             None => Ok(()),

@@ -125,9 +125,16 @@ impl Blocks {
         *entry = (*entry).max(end);
     }
 
-    fn wait(&self, key: &str) -> Option<Duration> {
+    /// How long `kind:key` is still blocked. With no block announced, as nearly always,
+    /// the answer needs neither the key's text nor the clock.
+    fn wait(&self, kind: &str, key: &str) -> Option<Duration> {
         let until = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        let left = until.get(key)?.saturating_duration_since(Instant::now());
+        if until.is_empty() {
+            return None;
+        }
+        let left = until
+            .get(format!("{kind}:{key}").as_str())?
+            .saturating_duration_since(Instant::now());
         (!left.is_zero()).then_some(left)
     }
 }
@@ -189,9 +196,10 @@ impl RedisWindows {
         })
     }
 
-    /// How long `key` is still blocked by a block the fleet announced (no Redis call).
-    pub fn announced(&self, key: &str) -> Option<Duration> {
-        self.blocks.wait(key)
+    /// How long `key` of `kind` (`ip`, `identity`) is still blocked by a block the fleet
+    /// announced (no Redis call).
+    pub fn announced(&self, kind: &str, key: &str) -> Option<Duration> {
+        self.blocks.wait(kind, key)
     }
 
     /// Runs one window operation; `None` when Redis cannot answer in time (the caller
@@ -314,20 +322,25 @@ mod tests {
             until: Mutex::new(HashMap::new()),
             capacity: 2,
         };
+        assert!(blocks.wait("ip", "a").is_none(), "nothing announced");
+        blocks.remember("identity:user:1", Duration::from_secs(10));
+        assert!(blocks.wait("identity", "user:1").is_some());
+        assert!(blocks.wait("ip", "user:1").is_none(), "another kind's key");
+        tokio::time::advance(Duration::from_secs(11)).await;
         blocks.remember("ip:a", Duration::from_secs(10));
         blocks.remember("ip:a", Duration::from_secs(5));
         assert!(
-            blocks.wait("ip:a").unwrap() > Duration::from_secs(9),
+            blocks.wait("ip", "a").unwrap() > Duration::from_secs(9),
             "the later end wins"
         );
         blocks.remember("ip:b", Duration::from_secs(1));
         blocks.remember("ip:c", Duration::from_secs(1));
-        assert!(blocks.wait("ip:c").is_none(), "full: not kept");
+        assert!(blocks.wait("ip", "c").is_none(), "full: not kept");
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(blocks.wait("ip:b").is_none(), "ended");
+        assert!(blocks.wait("ip", "b").is_none(), "ended");
         blocks.remember("ip:c", Duration::from_secs(1));
         assert!(
-            blocks.wait("ip:c").is_some(),
+            blocks.wait("ip", "c").is_some(),
             "room again once the ended ones went"
         );
     }
