@@ -364,3 +364,47 @@ async fn a_kept_alive_connection_outlives_the_http_librarys_own_30_s_default() {
     assert!(n > 0, "the connection was closed after 32 s idle");
     assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_response_is_cut_off() {
+    // 1 GiB on offer: far more than the socket buffers between them hold, so the
+    // gateway's writes to a client that stopped reading stall.
+    let up = upstream(|_| async {
+        use http_body_util::BodyExt;
+        http::Response::new(
+            Generated::new(64 * 1024, 16 * 1024)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+    })
+    .await;
+    let gw = gateway(&yaml(
+        &up.url(),
+        "routes:\n  - {name: all, path: '/**'}\nlimits: {idle_timeout: 1s}\n",
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let n = stream.read(&mut buffer).await.unwrap();
+    let head = String::from_utf8_lossy(&buffer[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The client stops reading for longer than the idle timeout.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // What the socket buffers still hold, then the end: the response no longer flows.
+    let mut rest = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => rest += n,
+            Err(_) => panic!("the connection stayed open, silent"),
+        }
+        assert!(
+            rest < 64 * 1024 * 1024,
+            "the response kept flowing to a client that had stopped reading"
+        );
+    }
+}
