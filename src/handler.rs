@@ -143,8 +143,7 @@ async fn forward_websocket(
     };
     let watched =
         websocket::WatchedCredential::new(caller.identity.clone(), caller.token.as_deref());
-    let host = upstream.host_header().clone();
-    websocket::proxy(request, uri, host, stream, timeout, watched, settings).await
+    websocket::proxy(request, uri, stream, timeout, watched, settings).await
 }
 
 /// The token admin API: always authenticated (in every mode), scoped by method.

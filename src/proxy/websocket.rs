@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
-    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+    HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
@@ -129,12 +129,11 @@ const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// Opens the upstream WebSocket, then answers the client 101 and starts the relay. The
 /// upstream's own refusal (any non-101) is passed back to the client as it came.
-/// `target` is the upstream's request target (origin form), `host` its `Host` when the
-/// request has none.
+/// `target` is the upstream's request target (origin form); the request is already
+/// rewritten for the upstream, `Host` included.
 pub async fn proxy<S>(
     mut request: Request<Incoming>,
     target: Uri,
-    host: HeaderValue,
     stream: S,
     timeout: Duration,
     credential: WatchedCredential,
@@ -151,7 +150,7 @@ where
     let offer = subprotocols(&request);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let key = generate_key();
-    let handshake = upstream_request(&request, target, host, &offer, &key)?;
+    let handshake = upstream_request(&request, target, &offer, &key)?;
     let opened = tokio::time::timeout(timeout, open_upstream(handshake, stream, &key, &offer));
     let (upstream, answer) = match opened.await {
         Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
@@ -304,7 +303,6 @@ fn check_answer(headers: &http::HeaderMap, key: &str, offer: &Offer) -> Result<(
 fn upstream_request(
     request: &Request<Incoming>,
     target: Uri,
-    host: HeaderValue,
     offer: &Offer,
     key: &str,
 ) -> Result<Request<Empty<Bytes>>, GatewayError> {
@@ -321,9 +319,6 @@ fn upstream_request(
         let list = HeaderValue::from_str(&offer.forwarded.join(", "))
             .map_err(|_| GatewayError::InvalidRequest("Bad Sec-WebSocket-Protocol".into()))?;
         headers.insert(SEC_WEBSOCKET_PROTOCOL, list);
-    }
-    if !headers.contains_key(HOST) {
-        headers.insert(HOST, host);
     }
     headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
